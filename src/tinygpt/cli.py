@@ -1,0 +1,236 @@
+"""The `tinygpt` command: argument parsing only; the work happens in the library.
+
+Errors a user can cause arrive here as TinyGPTError and leave as one line on stderr
+and exit status 1 (2 for unusable arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from tinygpt.config import PRESETS, TinyGPTError, apply_overrides, get_preset, known_keys
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def cmd_prepare(args) -> int:
+    from tinygpt.data import prepare
+
+    report = prepare(args.inputs, args.out, val_fraction=args.val_fraction, glob=args.glob,
+                     encoding_errors=args.encoding_errors, progress=None if not args.no_progress else False)
+    kept = [f for f in report.files if f.status != "skipped"]
+    print(f"prepared {len(kept)} file(s) into {report.out_dir}: vocabulary {len(report.vocab)} symbols, "
+          f"{report.train_tokens:,} train + {report.val_tokens:,} val characters")
+    return 0
+
+
+def _configs(args):
+    model_config, train_config = get_preset(args.preset)
+    apply_overrides(model_config, train_config, args.set or [])
+    if getattr(args, "max_iters", None) is not None:
+        train_config.max_iters = args.max_iters
+    if getattr(args, "seed", None) is not None:
+        train_config.seed = args.seed
+    if getattr(args, "compile", False):
+        train_config.compile = True
+    return model_config, train_config
+
+
+def cmd_train(args) -> int:
+    from tinygpt.train import train
+
+    model_config, train_config = _configs(args)
+    result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
+                   progress=not args.no_progress)
+    if result.val_loss is not None:
+        print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} "
+              f"({result.val_loss / 0.6931471805599453:.3f} bits/char, estimated); run saved in {args.out}")
+    return 130 if result.interrupted else 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from tinygpt.checkpoint import load_model
+    from tinygpt.data import load_tokenizer, load_tokens
+    from tinygpt.evaluate import evaluate_tokens
+    from tinygpt.hardware import resolve_device
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.run_dir, device=device)
+    if load_tokenizer(args.data).chars != tokenizer.chars:
+        raise TinyGPTError(f"the vocabulary of {args.data} differs from the run's; evaluate on the data it was trained on")
+    tokens = load_tokens(args.data, args.split)
+    with tqdm(total=max(0, len(tokens) - 1), unit="char", unit_scale=True, desc=f"eval {args.split}",
+              disable=args.json or args.no_progress, leave=False) as bar:
+        result = evaluate_tokens(model, tokens, batch_size=args.batch_size, device=device, progress=bar.update)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"{args.split} loss: {result.loss:.4f} nats/char over {result.characters:,} characters")
+        print(f"{args.split} bits/char: {result.bits_per_char:.3f}")
+        print(f"{args.split} perplexity: {result.perplexity:.3f}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from tinygpt.checkpoint import load_model
+    from tinygpt.generate import stream_text
+    from tinygpt.hardware import resolve_device
+
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise TinyGPTError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
+    steps = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
+                        use_cache=not args.no_cache)
+    if args.num_samples == 1:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        for step in steps:
+            sys.stdout.write(step[0])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    samples = [args.prompt] * args.num_samples
+    for step in steps:
+        samples = [s + c for s, c in zip(samples, step)]
+    for i, text in enumerate(samples):
+        print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from tinygpt.checkpoint import best_or_last, build_model, read_record
+
+    if args.run_dir:
+        record = read_record(args.run_dir, best_or_last(args.run_dir))
+        model, _, model_config = build_model(record)
+        train_config = record.get("train_config", {})
+    elif args.preset:
+        if args.vocab_size is None:
+            raise TinyGPTError("info --preset needs --vocab-size (the number of symbols in your data)")
+        model_config, train_config_obj = get_preset(args.preset)
+        apply_overrides(model_config, train_config_obj, args.set or [])
+        model_config.vocab_size = args.vocab_size
+        from tinygpt.model import GPT
+
+        model = GPT(model_config)
+        train_config = dataclasses.asdict(train_config_obj)
+    else:
+        raise TinyGPTError("info needs a RUN_DIR or --preset NAME --vocab-size V")
+    parameters = model.num_parameters()
+    if args.json:
+        print(json.dumps({"parameters": parameters, "matmul_parameters": model.matmul_parameters(),
+                          "flops_per_token": model.flops_per_token(),
+                          "model_config": dataclasses.asdict(model_config), "train_config": train_config}))
+        return 0
+    print(f"parameters: {parameters:,} ({parameters / 1e6:.2f} M)")
+    print(f"training FLOPs per token: {model.flops_per_token():,} (6 x {model.matmul_parameters():,} matmul weights "
+          f"+ 12 x n_layer x n_embd x block_size)")
+    for key, value in dataclasses.asdict(model_config).items():
+        print(f"  {key} = {value}")
+    for key, value in train_config.items():
+        print(f"  {key} = {value}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name, preset in PRESETS.items():
+        m, t = preset.model, preset.train
+        print(f"{name:6s} {preset.description}")
+        print(f"       n_layer {m.n_layer}, n_head {m.n_head}, n_embd {m.n_embd}, block_size {m.block_size}, "
+              f"batch {t.batch_size}, lr {t.learning_rate:g} ({t.schedule}), {t.max_iters} iterations")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tinygpt", description="Train, evaluate and sample small character-level GPTs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="turn text files into token files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files, directories, or 'shakespeare' (the built-in complete works)")
+    p.add_argument("--out", required=True, metavar="DATA_DIR")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out (default 0.1)")
+    p.add_argument("--glob", default="*.txt", help="file pattern inside directories (default *.txt)")
+    p.add_argument("--encoding-errors", choices=("strict", "replace", "skip"), default="strict",
+                   help="invalid UTF-8: stop (strict), substitute U+FFFD (replace) or skip the file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--data", required=True, metavar="DATA_DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    p.add_argument("--max-iters", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help=f"override a config value; keys: {', '.join(known_keys())}")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="loss, bits/char and perplexity over a whole split")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", required=True, metavar="DATA_DIR")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="generate text, streamed")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="parameter count and config of a run or preset")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("presets", help="list the named presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TinyGPTError as e:
+        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `tinygpt sample ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+    except OSError as e:
+        print(f"tinygpt {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tinygpt {args.command}: interrupted", file=sys.stderr)
+        return 130

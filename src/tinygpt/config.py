@@ -1,0 +1,231 @@
+"""Configuration: two plain dataclasses, the named presets, and validation.
+
+`ModelConfig` describes the network; `TrainConfig` describes how it is trained. Both are
+plain dataclasses so a checkpoint can store them as JSON and a user can override any
+field from the command line with `--set key=value` (keys are unqualified: `n_embd`,
+`learning_rate`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class TinyGPTError(Exception):
+    """An error the user can cause and fix. The CLI prints it as one line."""
+
+
+class ConfigError(TinyGPTError):
+    """An impossible or unknown configuration."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 65
+    block_size: int = 64  # the context length, in characters
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases on the output projections, MLP and norms
+    qkv_bias: bool = True  # bias on the fused query/key/value projection
+    lm_head_bias: bool = False
+    norm: str = "pre"  # "pre": x + f(LN(x)); "post": LN(x + f(x)) as in the original notebook
+    norm_type: str = "layernorm"  # "layernorm" or "rmsnorm"
+    activation: str = "gelu"  # "gelu" or "relu"
+    positions: str = "learned"  # "learned" absolute embeddings or "rope" (rotary)
+    tie_embeddings: bool = False  # share the token embedding with the LM head
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2 != 0:
+            raise ConfigError("rotary positions need an even head size (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_choice("norm", self.norm, ("pre", "post"))
+        _check_choice("norm_type", self.norm_type, ("layernorm", "rmsnorm"))
+        _check_choice("activation", self.activation, ("gelu", "relu"))
+        _check_choice("positions", self.positions, ("learned", "rope"))
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4  # the floor the cosine schedule decays to
+    schedule: str = "cosine"  # "cosine" (linear warmup, cosine decay) or "constant"
+    warmup_iters: int = 100
+    max_iters: int = 2000
+    eval_interval: int = 250
+    eval_iters: int = 20  # batches of train and of val per evaluation
+    weight_decay: float = 0.1
+    decay_all_params: bool = False  # True: decay biases and norms too (plain AdamW)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 turns clipping off
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the total
+    optimizer: str = "adamw"  # "adamw", or "muon" for hidden matrices (AdamW for the rest)
+    dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.batch_size % self.grad_accum != 0:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})"
+            )
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("min_lr, weight_decay and grad_clip must be >= 0")
+        _check_choice("schedule", self.schedule, ("cosine", "constant"))
+        _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class Preset:
+    description: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # The original notebook, exactly: post-LN blocks, ReLU MLP, no bias on Q/K/V, a biased
+    # LM head, untied embeddings, plain AdamW (decay 0.01 on every parameter) at a constant
+    # 3e-4, and no gradient clipping.
+    "seed": Preset(
+        "the original notebook's model and schedule, exactly (21.4 M parameters at 145 symbols)",
+        ModelConfig(
+            block_size=64, n_layer=12, n_head=8, n_embd=384, dropout=0.2, bias=True,
+            qkv_bias=False, lm_head_bias=True, norm="post", activation="relu",
+            positions="learned", tie_embeddings=False,
+        ),
+        TrainConfig(
+            batch_size=256, learning_rate=3e-4, schedule="constant", warmup_iters=0,
+            max_iters=10000, eval_interval=100, eval_iters=100, weight_decay=0.01,
+            decay_all_params=True, beta1=0.9, beta2=0.999, grad_clip=0.0,
+        ),
+    ),
+    # The same sizes with the choices modern small GPTs make.
+    "gpt": Preset(
+        "seed sizes with modern choices: pre-LN, GELU, rotary positions, warmup + cosine",
+        ModelConfig(
+            block_size=64, n_layer=12, n_head=8, n_embd=384, dropout=0.2, bias=False,
+            qkv_bias=False, lm_head_bias=False, norm="pre", activation="gelu",
+            positions="rope", tie_embeddings=False,
+        ),
+        TrainConfig(
+            batch_size=256, learning_rate=1e-3, min_lr=1e-4, schedule="cosine",
+            warmup_iters=200, max_iters=10000, eval_interval=250, eval_iters=100,
+            weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+        ),
+    ),
+    # The demo: the best model 2 CPU cores train in about 10 minutes.
+    "cpu": Preset(
+        "the demo: the best model 2 CPU cores train in about 10 minutes",
+        ModelConfig(
+            block_size=128, n_layer=4, n_head=4, n_embd=192, dropout=0.0, bias=False,
+            qkv_bias=False, lm_head_bias=False, norm="pre", activation="gelu",
+            positions="rope", tie_embeddings=False,
+        ),
+        TrainConfig(
+            batch_size=32, learning_rate=2e-3, min_lr=2e-4, schedule="cosine",
+            warmup_iters=100, max_iters=3000, eval_interval=250, eval_iters=20,
+            weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+        ),
+    ),
+    # Small enough for the test suite to train in seconds.
+    "tiny": Preset(
+        "for tests: trains in seconds",
+        ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
+        TrainConfig(
+            batch_size=16, learning_rate=3e-3, min_lr=3e-4, warmup_iters=10, max_iters=100,
+            eval_interval=50, eval_iters=4,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """Fresh copies of a preset's configs (callers may mutate them)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    return dataclasses.replace(preset.model), dataclasses.replace(preset.train)
+
+
+def _parse_value(raw: str, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} expects true or false, got {raw!r}")
+    try:
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+    except ValueError:
+        kind = type(current).__name__
+        raise ConfigError(f"{key} expects {'an' if kind == 'int' else 'a'} {kind}, got {raw!r}") from None
+    return raw
+
+
+def known_keys() -> list[str]:
+    return [f.name for f in fields(ModelConfig) if f.name != "vocab_size"] + [
+        f.name for f in fields(TrainConfig)
+    ]
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) -> None:
+    """Apply `key=value` strings to whichever config owns the key."""
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        for config in (model, train):
+            if key in {f.name for f in fields(config)} and key != "vocab_size":
+                setattr(config, key, _parse_value(raw.strip(), getattr(config, key), key))
+                break
+        else:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(known_keys())}")
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    names = {f.name for f in fields(ModelConfig)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+    return ModelConfig(**data)
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown training config keys: {', '.join(sorted(unknown))}")
+    return TrainConfig(**data)

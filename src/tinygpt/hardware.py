@@ -1,0 +1,125 @@
+"""Per-device choices made at run time: which device, and which precision is fastest.
+
+CPUs differ: one with avx512_bf16 (or AMX) multiplies bf16 matrices faster than fp32,
+one without it emulates bf16 and is several times slower. So on a CPU we look at the
+flags and, where native bf16 exists, time one matmul in each precision before choosing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from tinygpt.config import TinyGPTError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TinyGPTError("--device cuda: no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TinyGPTError("--device mps: Apple's MPS backend is not available")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise TinyGPTError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 5,
+                            device: torch.device | str = "cpu") -> float:
+    """Best-of-`repeats` FLOP/s of a size x size matmul."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "bfloat16" if self.dtype == torch.bfloat16 else "float32"
+
+    def autocast(self, device: torch.device):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+@lru_cache(maxsize=None)
+def _cpu_bf16_choice() -> Precision:
+    flags = cpu_flags()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if not native:
+        return Precision(torch.float32, "float32: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)")
+    fp32 = matmul_flops_per_second(torch.float32)
+    bf16 = matmul_flops_per_second(torch.bfloat16)
+    ratio = bf16 / fp32
+    summary = f"{'/'.join(native)}; 1024^3 matmul bf16 {bf16 / 1e9:.0f} vs fp32 {fp32 / 1e9:.0f} GFLOP/s"
+    if ratio > 1.2:
+        return Precision(torch.bfloat16, f"bfloat16 autocast: {summary} ({ratio:.1f}x)")
+    return Precision(torch.float32, f"float32: {summary}, bf16 not faster ({ratio:.2f}x)")
+
+
+def choose_precision(device: torch.device, requested: str = "auto") -> Precision:
+    if requested == "float32":
+        return Precision(torch.float32, "float32: requested")
+    if requested == "bfloat16":
+        return Precision(torch.bfloat16, "bfloat16 autocast: requested")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "bfloat16 autocast: the GPU supports bf16")
+        return Precision(torch.float32, "float32: the GPU lacks bf16")
+    if device.type == "cpu":
+        return _cpu_bf16_choice()
+    return Precision(torch.float32, f"float32: the default on {device.type}")
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls on Ampere and newer GPUs: ~fp32 accuracy for training, far faster."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

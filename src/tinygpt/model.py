@@ -1,0 +1,232 @@
+"""The GPT: a decoder-only transformer, in one file.
+
+    token ids (B, T)
+      -> token embedding (+ learned position embedding, unless positions are rotary)
+      -> n_layer x Block: causal self-attention and an MLP, each with a residual and a norm
+      -> final norm -> LM head -> logits over the vocabulary (B, T, V)
+
+Shapes in comments use B = batch, T = time (characters), C = n_embd, nh = n_head,
+hd = head size (C / nh), V = vocab_size. Options are plain `if`s on `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinygpt.config import ModelConfig
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's rotation angles, (T, hd/2) each."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_size, 2, device=positions.device) / head_size))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x1[i], x2[i]) of the two halves of the head by its angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hd)
+    return rotated.type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for generation one token at a time.
+
+    Position p lives in slot p % block_size. With learned positions the context never
+    exceeds block_size (generate.py re-prefills when the window slides), so slots fill
+    in order. With rotary positions the buffer rolls: a new token overwrites the one
+    block_size positions back, which is exactly the key that falls out of its window.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, block, hd)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.size = config.block_size
+        self.first_position = 0  # the first position stored since the last prefill
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Store new keys/values (B, nh, T, hd) for positions start..start+T-1 and return
+        what the new queries attend to: the new keys themselves when prefilling (T > 1),
+        else every key in the window."""
+        T = k.size(2)
+        if T > 1:  # prefill into an empty cache: keep the last `size` positions
+            if layer == 0:
+                self.first_position = start
+            keep = min(T, self.size)
+            slots = torch.arange(start + T - keep, start + T, device=k.device) % self.size
+            self.keys[layer][:, :, slots] = k[:, :, -keep:].to(self.keys.dtype)
+            self.values[layer][:, :, slots] = v[:, :, -keep:].to(self.values.dtype)
+            return k, v
+        slot = start % self.size
+        self.keys[layer][:, :, slot] = k[:, :, 0].to(self.keys.dtype)
+        self.values[layer][:, :, slot] = v[:, :, 0].to(self.values.dtype)
+        valid = min(start + 1 - self.first_position, self.size)
+        return self.keys[layer][:, :, :valid], self.values[layer][:, :, :valid]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        # one matmul makes the queries, keys and values of every head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.record_attention = False  # set by attention_maps(); costs nothing when off
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None, layer=0, start=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.store(layer, k, v, start)  # (B, nh, S, hd): S keys in the window
+        # a single decoded query attends to every key in its window: no mask needed
+        causal = mask is None and T > 1
+        if self.record_attention:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, nh, T, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            elif causal:
+                scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).tril().logical_not(), float("-inf"))
+            self.last_attention = scores.softmax(dim=-1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads: (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.down = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down(self.activation(self.up(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pre_norm = config.norm == "pre"
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary=None, mask=None, cache=None, layer=0, start=0):
+        if self.pre_norm:  # x + f(norm(x)): the residual stream is never normalised
+            x = x + self.attn(self.norm1(x), rotary, mask, cache, layer, start)
+            x = x + self.mlp(self.norm2(x))
+        else:  # norm(x + f(x)): the original transformer's and the notebook's order
+            x = self.norm1(x + self.attn(x, rotary, mask, cache, layer, start))
+            x = self.norm2(x + self.mlp(x))
+        return x  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Every trainable number, a tied matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def matmul_parameters(self) -> int:
+        """N in the FLOP formula: weights of the matrix multiplies (blocks and LM head)."""
+        return sum(
+            m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
+        )
+
+    def flops_per_token(self, context: int | None = None) -> int:
+        """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus
+        12 * n_layer * n_embd * T for the attention scores and their weighted sum."""
+        T = context or self.config.block_size
+        return 6 * self.matmul_parameters() + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def forward(self, idx, targets=None, *, start: int = 0, cache: KVCache | None = None):
+        """Logits (B, T, V) for tokens idx (B, T) at positions start..start+T-1; with targets
+        (B, T), also the mean cross-entropy loss."""
+        B, T = idx.shape
+        config = self.config
+        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.token_embedding(idx)  # (B, T, C)
+        rotary = None
+        if config.positions == "learned":
+            if start + T > config.block_size:
+                raise ValueError(f"positions up to {start + T} exceed block_size {config.block_size}")
+            x = x + self.position_embedding(positions)  # (B, T, C) + (T, C)
+        else:
+            rotary = rotary_cos_sin(positions, config.n_embd // config.n_head)
+        mask = None
+        if T > config.block_size:
+            # rotary only: each query sees the block_size most recent keys (itself included),
+            # the same window a rolling KV cache keeps
+            distance = positions[:, None] - positions[None, :]  # (T, T)
+            mask = (distance >= 0) & (distance < config.block_size)
+        x = self.dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, mask, cache, layer, start)
+        x = self.final_norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx) -> torch.Tensor:
+        """Attention weights of every layer and head for idx (1, T): (L, nh, T, T)."""
+        maps = []
+        for block in self.blocks:
+            block.attn.record_attention = True
+        try:
+            self(idx)
+            maps = [block.attn.last_attention[0] for block in self.blocks]
+        finally:
+            for block in self.blocks:
+                block.attn.record_attention = False
+                block.attn.last_attention = None
+        return torch.stack(maps)
