@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# The test models are tiny: one thread each keeps OpenMP from spin-waiting against the other
+# processes on a shared 2-core machine (a step can take 100x longer with 2 threads under
+# load). Set before torch is imported; CLI subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):

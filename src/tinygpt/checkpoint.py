@@ -74,20 +74,32 @@ def save_checkpoint(
 ) -> None:
     """Save tensor groups (e.g. {"model": ..., "state": ...}) and the JSON record."""
     run_dir = Path(run_dir)
-    iteration = int(record["iteration"])
+    stem = _fresh_stem(run_dir, name, int(record["iteration"]))
     files = {}
     for kind, group in tensors.items():
-        filename = f"{name}-{iteration:08d}.{kind}.safetensors"
+        filename = f"{stem}.{kind}.safetensors"
         data = safetensors.torch.save(group, metadata={"format": FORMAT, "kind": kind})
         atomic_write_bytes(run_dir / filename, data)
         files[kind] = {"file": filename, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     record = {"format": FORMAT, "version": VERSION, "name": name, **record, "files": files}
     atomic_write_bytes(run_dir / f"{name}.json", json.dumps(record, ensure_ascii=False, indent=1).encode())
-    # only now are older tensor files of this checkpoint unreferenced
+    # only now are older tensor files of this checkpoint unreferenced; temporary files
+    # left by a save that was killed go too
     keep = {f["file"] for f in files.values()}
-    for old in run_dir.glob(f"{name}-*.safetensors"):
+    for old in [*run_dir.glob(f"{name}-*.safetensors"), *run_dir.glob(f".{name}-*.safetensors.tmp")]:
         if old.name not in keep:
             old.unlink(missing_ok=True)
+
+
+def _fresh_stem(run_dir: Path, name: str, iteration: int) -> str:
+    """`last-00000500`, or `last-00000500-1`, ... when that iteration was saved before (an
+    interrupted run saves again where it stopped): a file the current record points to is
+    never overwritten."""
+    stem, counter = f"{name}-{iteration:08d}", 0
+    while any(run_dir.glob(f"{stem}.*.safetensors")):
+        counter += 1
+        stem = f"{name}-{iteration:08d}-{counter}"
+    return stem
 
 
 def read_record(run_dir: str | Path, name: str) -> dict[str, Any]:

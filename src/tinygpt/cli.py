@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
     model_config, train_config = _configs(args)
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
                    progress=not args.no_progress)
-    if result.val_loss is not None:
+    if result.val_loss is not None and result.rank == 0:
         print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} "
               f"({result.val_loss / 0.6931471805599453:.3f} bits/char, estimated); run saved in {args.out}")
     return 130 if result.interrupted else 0
@@ -153,6 +153,49 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tinygpt.serve import Limits, serve
+
+    for name in ("max_active", "max_queue", "max_tokens", "threads"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise TinyGPTError(f"--{name.replace('_', '-')} must be a positive number")
+    limits = Limits(max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens)
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device, limits=limits, threads=args.threads)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tinygpt.checkpoint import load_model
+    from tinygpt.generate import stream_text
+    from tinygpt.hardware import resolve_device
+
+    model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
+    print(f"tinygpt chat: {args.run_dir}. Type the start of a text and press Enter; the model continues it.\n"
+          "Ctrl-C stops a reply; Ctrl-D (or Ctrl-C at the prompt) quits.")
+    for turn in range(1_000_000_000):
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        try:
+            tokenizer.encode(prompt)
+        except TinyGPTError as e:
+            print(f"tinygpt chat: {e}", file=sys.stderr)
+            continue
+        seed = None if args.seed is None else args.seed + turn
+        try:
+            sys.stdout.write(prompt)
+            for step in stream_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=seed):
+                sys.stdout.write(step[0])
+                sys.stdout.flush()
+            print()
+        except KeyboardInterrupt:
+            print(" [stopped]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tinygpt", description="Train, evaluate and sample small character-level GPTs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -212,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API and a browser playground")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (default 1)")
+    p.add_argument("--max-active", type=int, default=8, help="requests generating at once (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the cap on max_tokens per request (default 1024)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="type prompts, watch the model continue them (streamed)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, help="seed of the first reply (default: random)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)

@@ -65,6 +65,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (linear warmup, cosine decay) or "constant"
     warmup_iters: int = 100
     max_iters: int = 2000
+    max_time: float = 0.0  # seconds; > 0 also ends training (and its cosine schedule) at this wall-clock budget
     eval_interval: int = 250
     eval_iters: int = 20  # batches of train and of val per evaluation
     weight_decay: float = 0.1
@@ -91,6 +92,8 @@ class TrainConfig:
             )
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_time < 0:
+            raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time}")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("min_lr, weight_decay and grad_clip must be >= 0")
         _check_choice("schedule", self.schedule, ("cosine", "constant"))

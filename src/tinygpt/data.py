@@ -15,12 +15,14 @@ validation, the rest to training, so every file (every work, every author) is se
 from __future__ import annotations
 
 import codecs
+import contextlib
 import importlib.util
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 from tinygpt.config import TinyGPTError
 from tinygpt.tokenizer import MAX_CODE_POINT, MAX_VOCAB_SIZE, CharTokenizer
 
-CHUNK_BYTES = 4 << 20  # read 4 MiB at a time
+CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: a chunk and its temporaries stay in the CPU caches
 PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar from this corpus size on
 ENCODING_POLICIES = ("strict", "replace", "skip")
 
@@ -98,32 +100,197 @@ class _UndecodableFile(Exception):
         self.reason = reason
 
 
-def _code_point_chunks(path: Path, errors: str, on_bytes=None):
-    """Yield the file's code points chunk by chunk: uint8 arrays for pure-ASCII chunks
-    (the fast path: no decoding at all), uint32 arrays otherwise."""
+def _utf8_tables() -> tuple[np.ndarray, ...]:
+    """Lookup tables for decoding UTF-8 with array operations.
+
+    `length[lead | second << 8]` is the byte length (2, 3 or 4) of a character starting with
+    that pair of bytes, or 0 if no valid character does: this one table rejects bad lead bytes,
+    overlong forms, UTF-16 surrogates and code points above U+10FFFF (RFC 3629, table 3-7 of
+    the Unicode standard). Indexed by length, the other tables say which bits of the 4-byte
+    little-endian word at a lead byte must equal which pattern (its third and fourth bytes must
+    be continuation bytes; length 0 never matches), which payload bits the lead byte carries,
+    and how far to shift the assembled 21 payload bits right.
+    """
+    length = np.zeros((256, 256), dtype=np.uint8)  # [second byte, lead byte]
+    continuation = slice(0x80, 0xC0)
+    length[continuation, 0xC2:0xE0] = 2
+    length[continuation, 0xE0:0xF0] = 3
+    length[0x80:0xA0, 0xE0] = 0  # overlong: fits in 2 bytes
+    length[0xA0:0xC0, 0xED] = 0  # U+D800..U+DFFF, surrogates
+    length[continuation, 0xF0:0xF5] = 4
+    length[0x80:0x90, 0xF0] = 0  # overlong: fits in 3 bytes
+    length[0x90:0xC0, 0xF4] = 0  # above U+10FFFF
+    tail_mask = np.array([0, 0, 0, 0xC0 << 16, 0xC0C0 << 16], dtype=np.uint32)
+    tail_pattern = np.array([1, 1, 0, 0x80 << 16, 0x8080 << 16], dtype=np.uint32)
+    lead_payload = np.array([0, 0, 0x1F, 0x0F, 0x07], dtype=np.uint32)
+    shift = np.array([0, 0, 12, 6, 0], dtype=np.uint32)
+    return length.reshape(-1), tail_mask, tail_pattern, lead_payload, shift
+
+
+_SEQUENCE_LENGTH, _TAIL_MASK, _TAIL_PATTERN, _LEAD_PAYLOAD, _PAYLOAD_SHIFT = _utf8_tables()
+_NO_INDICES = np.zeros(0, dtype=np.intp)
+# UTF-8 continuation bytes (0b10xxxxxx): bytes.translate drops them, leaving one byte per character
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+def _decode_multibyte(utf8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Decode the multi-byte characters of `utf8` (uint8) with array operations: the offsets of
+    their lead bytes, their lengths in bytes and their code points. Returns None unless `utf8`
+    is valid, complete UTF-8; Python's decoder then takes over, for its exact error offsets and
+    replacement counts. The work is proportional to the number of multi-byte characters, apart
+    from two vectorised scans of the bytes."""
+    leads = np.flatnonzero(utf8 >= 0xC0)
+    words = utf8.take(leads).astype(np.uint32)  # the 4 bytes from each lead byte on
+    for k in (1, 2, 3):  # (bytes past the end repeat the last byte; the length checks catch that)
+        words |= utf8.take(leads + k, mode="clip").astype(np.uint32) << (8 * k)
+    lengths = _SEQUENCE_LENGTH.take(words & 0xFFFF)
+    if ((words & _TAIL_MASK.take(lengths)) != _TAIL_PATTERN.take(lengths)).any():
+        return None  # a bad first or second byte, or a third or fourth that is no continuation
+    if np.count_nonzero(utf8 >= 0x80) != int(lengths.sum(dtype=np.intp)):
+        return None  # continuation bytes no lead byte claims
+    if len(leads) and leads[-1] + lengths[-1] > len(utf8):
+        return None  # the last character is cut off
+    payload = words & 0x3F3F3F00  # the 6 low bits of each continuation byte
+    code_points = (
+        (words & _LEAD_PAYLOAD.take(lengths)) << 18
+        | (payload & 0x3F00) << 4
+        | (payload >> 10) & 0xFC0
+        | payload >> 24
+    ) >> _PAYLOAD_SHIFT.take(lengths)
+    return leads, lengths, code_points
+
+
+class _Utf8Chunk(NamedTuple):
+    """Whole characters of valid UTF-8, `data[:length]`, with its multi-byte characters already
+    decoded: offsets of their lead bytes, lengths in bytes and code points (empty when the
+    chunk is ASCII). `data` is the reader's buffer, overwritten by the next chunk."""
+
+    data: bytearray
+    length: int
+    lead_offsets: np.ndarray = _NO_INDICES
+    lead_lengths: np.ndarray = _NO_INDICES
+    code_points: np.ndarray = _NO_INDICES
+
+    @property
+    def characters(self) -> int:
+        return self.length - int(self.lead_lengths.sum(dtype=np.intp)) + len(self.lead_lengths)
+
+    def character_offsets(self) -> np.ndarray:
+        """Index of each multi-byte character in the chunk's text: its byte offset minus the
+        continuation bytes before it."""
+        extra = self.lead_lengths - 1
+        return self.lead_offsets - (np.cumsum(extra, dtype=np.intp) - extra)
+
+
+def _complete_length(data: bytearray, size: int) -> int:
+    """Length of `data[:size]` without a multi-byte character cut off at its end by the read."""
+    for i in range(size - 1, max(size - 4, -1), -1):
+        byte = data[i]
+        if byte < 0x80:
+            return size
+        if byte >= 0xC0:  # a lead byte: is its whole sequence here?
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return i if i + needed > size else size
+    return size
+
+
+def _read_into(f, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _decoded_chunks(path: Path, errors: str, on_bytes=None):
+    """Yield the file's text chunk by chunk, as a `_Utf8Chunk` (the fast path: valid UTF-8,
+    checked and decoded with array operations, ASCII not decoded at all) or, for a chunk with
+    invalid bytes, as a uint32 array of code points from Python's incremental decoder."""
     handler = "tinygpt-count-replace" if errors == "replace" else "strict"
     decoder = codecs.getincrementaldecoder("utf-8")(handler)
-    consumed = 0
-    with open(path, "rb") as f:
+    buffer = bytearray(max(CHUNK_BYTES, 4))  # reused for every read; holds any whole character
+    view = memoryview(buffer)
+    carried = 0  # bytes at the start of the buffer: a character the previous read cut off
+    start = 0  # file offset of buffer[0]
+    with open(path, "rb", buffering=0) as f:
         while True:
-            chunk = f.read(CHUNK_BYTES)
-            final = len(chunk) < CHUNK_BYTES
-            pending = decoder.getstate()[0]
-            if chunk.isascii() and not pending:
-                if chunk:
-                    yield np.frombuffer(chunk, dtype=np.uint8)
+            got = _read_into(f, view[carried:])
+            size = carried + got
+            final = size < len(buffer)  # the file ended
+            data = buffer if not final else buffer[:size]
+            pending = decoder.getstate()[0]  # bytes Python's decoder holds back
+            carried = 0
+            chunk = None
+            if not pending:
+                if data.isascii():
+                    chunk = _Utf8Chunk(data, size)
+                else:
+                    length = size if final else _complete_length(data, size)
+                    decoded = _decode_multibyte(np.frombuffer(data, dtype=np.uint8, count=length))
+                    if decoded is not None:
+                        chunk = _Utf8Chunk(data, length, *decoded)
+                        carried = size - length
+            if chunk is not None:
+                if chunk.length:
+                    yield chunk
             else:
                 try:
-                    text = decoder.decode(chunk, final=final)
+                    text = decoder.decode(data, final=final)
                 except UnicodeDecodeError as e:
-                    raise _UndecodableFile(consumed - len(pending) + e.start, e.reason) from None
+                    raise _UndecodableFile(start - len(pending) + e.start, e.reason) from None
                 if text:
                     yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            consumed += len(chunk)
             if on_bytes is not None:
-                on_bytes(len(chunk))
-            if final:  # the decoder was flushed with final=True, or held nothing
+                on_bytes(got)
+            if final:
                 return
+            buffer[:carried] = buffer[size - carried : size]
+            start += size - carried
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch.bincount on a 1 MiB chunk is fastest on one thread: waking the thread pool for it
+    costs more than it saves, and much more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _count_code_points(chunk: _Utf8Chunk | np.ndarray, counts: np.ndarray) -> None:
+    """Add the chunk's characters to `counts` (indexed by code point)."""
+    if isinstance(chunk, _Utf8Chunk):
+        # torch counts the bytes as they are; np.bincount would first widen each to int64
+        raw = torch.frombuffer(chunk.data, dtype=torch.uint8, count=chunk.length)
+        counts[:128] += torch.bincount(raw, minlength=256)[:128].numpy()  # the ASCII characters
+        code_points = chunk.code_points
+    else:
+        code_points = chunk
+    if len(code_points):
+        per_code_point = np.bincount(code_points)
+        counts[: len(per_code_point)] += per_code_point
+
+
+def _encode(chunk: _Utf8Chunk | np.ndarray, table: np.ndarray, ascii_ids: bytes) -> np.ndarray:
+    """The chunk's characters as token ids (`table` maps code points to ids; `ascii_ids`, a
+    bytes.translate table, maps ASCII bytes to theirs)."""
+    if not isinstance(chunk, _Utf8Chunk):
+        return table[chunk]
+    if not len(chunk.code_points):
+        ids = np.frombuffer(chunk.data.translate(ascii_ids), dtype=np.uint8, count=chunk.length)
+        return ids if table.dtype == np.uint8 else ids.astype(table.dtype)
+    # one byte per character: ASCII ones mapped to their ids, multi-byte ones to their lead byte
+    one_per_character = chunk.data.translate(ascii_ids, _CONTINUATION_BYTES)
+    ids = np.frombuffer(one_per_character, dtype=np.uint8, count=chunk.characters)
+    if table.dtype != np.uint8:
+        ids = ids.astype(table.dtype)
+    ids[chunk.character_offsets()] = table.take(chunk.code_points)
+    return ids
 
 
 @dataclass
@@ -168,16 +335,14 @@ def prepare(
 
     # Pass 1: count code points per file; a file's counts join the total only if it decodes.
     counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
-    for path, report in zip(files, reports):
+    for path, report in zip(files, reports, strict=True):
         file_counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
         _replacements["count"] = 0
         policy = "strict" if encoding_errors == "skip" else encoding_errors
         try:
-            for cps in _code_point_chunks(path, policy, bar.update):
-                if cps.dtype == np.uint8:
-                    file_counts[:128] += np.bincount(cps, minlength=128)
-                else:
-                    file_counts += np.bincount(cps, minlength=MAX_CODE_POINT)
+            with _one_torch_thread():
+                for chunk in _decoded_chunks(path, policy, bar.update):
+                    _count_code_points(chunk, file_counts)
         except _UndecodableFile as e:
             where = f"{path}: invalid UTF-8 at byte offset {e.offset} ({e.reason})"
             if encoding_errors == "strict":
@@ -206,26 +371,26 @@ def prepare(
         )
     tokenizer = CharTokenizer([chr(c) for c in code_points])
     table = np.where(tokenizer.table >= 0, tokenizer.table, 0).astype(tokenizer.dtype)
-    ascii_table = table[:256]
+    ascii_ids = table[:256].astype(np.uint8).tobytes()  # ASCII ids are < 128: code point order
 
     # Pass 2: encode each file; its last val_fraction of characters go to val.bin.
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     temporary = {name: out / f".{name}.tmp" for name in ("train.bin", "val.bin")}
     with open(temporary["train.bin"], "wb") as train_file, open(temporary["val.bin"], "wb") as val_file:
-        for path, report in zip(files, reports):
+        for path, report in zip(files, reports, strict=True):
             if report.status == "skipped":
                 continue
             report.val_characters = int(report.characters * val_fraction)
             report.train_characters = report.characters - report.val_characters
             written = 0
-            for cps in _code_point_chunks(path, encoding_errors, bar.update):
-                ids = (ascii_table if cps.dtype == np.uint8 else table)[cps]
+            for chunk in _decoded_chunks(path, encoding_errors, bar.update):
+                ids = _encode(chunk, table, ascii_ids)
                 to_train = max(0, min(len(ids), report.train_characters - written))
                 if to_train:
-                    train_file.write(ids[:to_train].tobytes())
+                    train_file.write(ids[:to_train])
                 if to_train < len(ids):
-                    val_file.write(ids[to_train:].tobytes())
+                    val_file.write(ids[to_train:])
                 written += len(ids)
         for f in (train_file, val_file):
             f.flush()

@@ -1,18 +1,33 @@
 """Sampling: temperature, top-k, top-p, seeded, streamed, with or without the KV cache.
 
-Generating past block_size needs a rule for the context window, and the cached and
-uncached paths follow the same one, so they print the same text:
+The KV cache changes nothing but speed: with the same seed, the cached and the uncached
+paths produce the same text, however long. For that both follow one rule for the context
+window once the text outgrows block_size:
 
-* learned positions: every position shifts when the window slides, so cached keys would
-  be stale. Rule: the context is at most block_size characters; when it is full, keep its
-  last half and go on. The cache starts over at that moment (one prefill of block_size/2
-  characters), and decoding continues one character at a time.
+* learned positions: the embedding of position i is learned for i < block_size only, and
+  every position shifts when the window slides, so cached keys would go stale after each
+  slide. Rule: the context is at most block_size characters; when it is full, keep its
+  last half and go on (a new character then sees at least block_size/2 before it). The
+  cache starts over at that moment (one prefill of block_size/2 characters) and decodes
+  one character at a time until the context is full again. The uncached path recomputes
+  the same context from scratch every step.
 * rotary positions: attention depends on the distance between positions only, so the
-  window slides one character per step and every layer attends to the block_size most
-  recent positions. The cache rolls (the oldest key is overwritten). The uncached path
-  recomputes the same thing from scratch: the last n_layer * (block_size - 1) + 1
-  characters (everything the next prediction can see through the layers), with the same
-  sliding-window mask.
+  window slides one character per step and, at every layer, a position attends to the
+  block_size most recent positions (itself included). The cache rolls: the new key
+  overwrites the one block_size back. In the cache, a layer's key at position p was made
+  when p was the newest character, from a context that itself reached block_size - 1
+  positions back at every layer below, so the next prediction depends on the last
+  n_layer * (block_size - 1) + 1 characters. The uncached path recomputes exactly that:
+  those characters, with the same sliding-window mask at every layer. (Cropping to the
+  last block_size characters instead, as a single-layer intuition suggests, would differ
+  from the cache as soon as there are two layers: there, the deeper layers' keys near the
+  start of the crop would be computed from truncated contexts.)
+
+Floating point is the one thing the rule cannot share: the two paths add the same
+numbers in a different order, so their logits differ in the last bits. Sampling turns
+that into a different character only when a draw falls within ~1e-6 of a boundary
+between two characters, which the tests (5x past block_size, both position options)
+do not see.
 """
 
 from __future__ import annotations
@@ -28,18 +43,20 @@ def sample_next(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
     top_p: float | None = None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick the next id for each row of logits (B, V); temperature 0 is greedy."""
+    """Pick the next id for each row of logits (B, V): keep the top_k most likely ids,
+    then the smallest set whose probability reaches top_p, and draw from what is left at
+    this temperature. Temperature 0 is greedy (argmax)."""
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits / temperature
-    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)  # (B, V)
     if top_p is not None and 0 < top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the ones before it already reach top_p (the first always stays)
+        # drop an id when the ones before it already reach top_p (the first always stays)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
@@ -47,14 +64,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
-def _learned_window_start(length: int, start: int, block_size: int) -> int:
-    """Where the context starts once it holds `length` characters (learned positions)."""
-    if length - start > block_size:
-        return length - max(1, block_size // 2)
-    return start
-
-
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(
     model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -66,35 +76,40 @@ def generate_ids(
         raise ValueError("generation needs a prompt of at least one token")
     model.eval()
     config = model.config
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
-    tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, n)
     block = config.block_size
     rotary = config.positions == "rope"
-    reach = config.n_layer * (block - 1) + 1  # how far back a prediction can see (rotary)
-    cache = KVCache(config, num_samples, device, next(model.parameters()).dtype) if use_cache else None
-    start = max(0, tokens.size(1) - (reach if rotary else block))
-    cached_upto = None  # the length of `tokens` the cache has seen, or None: prefill next
-    for _ in range(max_new_tokens):
-        length = tokens.size(1)
+    reach = config.n_layer * (block - 1) + 1  # characters a rotary prediction depends on
+    n = len(prompt)
+    # every character of every sample, preallocated: a step writes one column in place
+    tokens = torch.empty((num_samples, n + max_new_tokens), dtype=torch.long, device=device)
+    tokens[:, :n] = torch.tensor(prompt, dtype=torch.long, device=device)
+    if rotary:
+        model.extend_rotary(n + max_new_tokens)  # no table growth inside the loop
+    cache = KVCache(config, num_samples, device, parameter.dtype) if use_cache else None
+    start = max(0, n - (reach if rotary else block))  # the context is tokens[:, start:length]
+    prefilled = False
+    for length in range(n, n + max_new_tokens):
         if rotary:
             start = max(0, length - reach)
-        else:
-            new_start = _learned_window_start(length, start, block)
-            if new_start != start:
-                start, cached_upto = new_start, None  # positions shifted: the cache starts over
+        elif length - start > block:  # learned: the context is full, keep its last half
+            start, prefilled = length - max(1, block // 2), False
+        # rotary positions are absolute (only distances matter); learned ones count from start
+        offset = 0 if rotary else start
         if cache is None:
-            logits, _ = model(tokens[:, start:], start=start if rotary else 0)
-        elif cached_upto is None:  # prefill the whole context
-            logits, _ = model(tokens[:, start:], start=start if rotary else 0, cache=cache)
+            logits, _ = model(tokens[:, start:length], start=start - offset)
+        elif not prefilled:
+            cache.reset(start - offset)
+            logits, _ = model(tokens[:, start:length], start=start - offset, cache=cache)
+            prefilled = True
         else:  # decode: only the newest character goes through the model
-            position = length - 1 if rotary else length - 1 - start
-            logits, _ = model(tokens[:, -1:], start=position, cache=cache)
-        cached_upto = length
+            logits, _ = model(tokens[:, length - 1:length], start=length - 1 - offset, cache=cache)
         next_logits = logits[:, -1, :]  # (B, V)
-        next_ids = sample_next(next_logits, temperature, top_k, top_p, generator)
-        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+        next_ids = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
+        tokens[:, length] = next_ids
         if with_probs:
             yield next_ids, next_logits.float().softmax(dim=-1)
         else:

@@ -43,37 +43,53 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Preallocated keys and values of every layer, for generation one token at a time.
 
-    Position p lives in slot p % block_size. With learned positions the context never
-    exceeds block_size (generate.py re-prefills when the window slides), so slots fill
-    in order. With rotary positions the buffer rolls: a new token overwrites the one
-    block_size positions back, which is exactly the key that falls out of its window.
+    A prefill stores a whole context; then each decode step stores one new position and
+    its query attends to every position held. The buffer holds block_size positions and
+    rolls: position p lives in slot (p - first) % block_size, `first` being the first
+    position of the last prefill, so a new position overwrites the one block_size back:
+    exactly the key that leaves a rotary model's sliding window. With learned positions,
+    generate.py starts over (reset + prefill) before the context outgrows block_size, so
+    there the buffer never rolls. Nothing is allocated after __init__.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, block, hd)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.layer_keys = self.keys.unbind(0)  # per-layer views (B, nh, block, hd): no indexing per step
+        self.layer_values = self.values.unbind(0)
         self.size = config.block_size
-        self.first_position = 0  # the first position stored since the last prefill
+        self.first = 0  # the first position of the last prefill
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Store new keys/values (B, nh, T, hd) for positions start..start+T-1 and return
-        what the new queries attend to: the new keys themselves when prefilling (T > 1),
-        else every key in the window."""
+    def reset(self, first_position: int = 0) -> None:
+        """Forget what is held: the next store is the prefill of positions from first_position."""
+        self.first = first_position
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values (B, nh, T, hd) of positions start..start+T-1 and return what the
+        new queries attend to: when prefilling (T > 1, right after reset), the new keys
+        themselves (the caller masks them); when decoding (T == 1), every key held."""
         T = k.size(2)
-        if T > 1:  # prefill into an empty cache: keep the last `size` positions
-            if layer == 0:
-                self.first_position = start
-            keep = min(T, self.size)
-            slots = torch.arange(start + T - keep, start + T, device=k.device) % self.size
-            self.keys[layer][:, :, slots] = k[:, :, -keep:].to(self.keys.dtype)
-            self.values[layer][:, :, slots] = v[:, :, -keep:].to(self.values.dtype)
+        keys, values = self.layer_keys[layer], self.layer_values[layer]
+        offset = start - self.first  # positions stored before these since the prefill
+        if T > 1:
+            keep = min(T, self.size)  # only the last block_size positions can be attended to later
+            slot = (offset + T - keep) % self.size
+            if slot + keep <= self.size:
+                keys[:, :, slot:slot + keep].copy_(k[:, :, T - keep:])
+                values[:, :, slot:slot + keep].copy_(v[:, :, T - keep:])
+            else:  # a prompt longer than the buffer wraps around it
+                slots = torch.arange(offset + T - keep, offset + T, device=k.device) % self.size
+                keys.index_copy_(2, slots, k[:, :, T - keep:].to(keys.dtype))
+                values.index_copy_(2, slots, v[:, :, T - keep:].to(values.dtype))
             return k, v
-        slot = start % self.size
-        self.keys[layer][:, :, slot] = k[:, :, 0].to(self.keys.dtype)
-        self.values[layer][:, :, slot] = v[:, :, 0].to(self.values.dtype)
-        valid = min(start + 1 - self.first_position, self.size)
-        return self.keys[layer][:, :, :valid], self.values[layer][:, :, :valid]
+        slot = offset % self.size
+        keys[:, :, slot:slot + 1].copy_(k)
+        values[:, :, slot:slot + 1].copy_(v)
+        held = min(offset + 1, self.size)
+        # slot order is not position order once the buffer rolls; one query attending to
+        # every key needs no mask, and the softmax does not care about the order
+        return keys[:, :, :held], values[:, :, :held]  # (B, nh, held, hd)
 
 
 class CausalSelfAttention(nn.Module):
@@ -98,7 +114,7 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.store(layer, k, v, start)  # (B, nh, S, hd): S keys in the window
+            k, v = cache.store(layer, k, v, start)  # (B, nh, S, hd): the S keys the queries see
         # a single decoded query attends to every key in its window: no mask needed
         causal = mask is None and T > 1
         if self.record_attention:
@@ -155,6 +171,11 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            # cos/sin of every position's angles, computed once (not saved: not a weight)
+            cos, sin = rotary_cos_sin(torch.arange(config.block_size), config.n_embd // config.n_head)
+            self.register_buffer("rotary_cos", cos, persistent=False)  # (positions, hd/2)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
@@ -199,7 +220,7 @@ class GPT(nn.Module):
                 raise ValueError(f"positions up to {start + T} exceed block_size {config.block_size}")
             x = x + self.position_embedding(positions)  # (B, T, C) + (T, C)
         else:
-            rotary = rotary_cos_sin(positions, config.n_embd // config.n_head)
+            rotary = self.rotary_tables(start, T)
         mask = None
         if T > config.block_size:
             # rotary only: each query sees the block_size most recent keys (itself included),
@@ -215,6 +236,28 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+    def rotary_tables(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (T, hd/2) of positions start..start+T-1, from tables computed once."""
+        end = start + T
+        if end > self.rotary_cos.size(0):  # generation past the tables: grow them (doubling)
+            self.extend_rotary(max(end, 2 * self.rotary_cos.size(0)))
+        return self.rotary_cos[start:end], self.rotary_sin[start:end]
+
+    def extend_rotary(self, length: int) -> None:
+        """Make the rotary tables cover positions 0..length-1. New rows are computed a
+        block_size at a time, each chunk exactly as the first was, so a row's numbers never
+        depend on when it was computed (the cached and uncached paths read the same ones)."""
+        block = self.config.block_size
+        cos_chunks, sin_chunks = [self.rotary_cos], [self.rotary_sin]
+        # the tables must stay usable for training, even when grown during generation
+        with torch.inference_mode(False), torch.no_grad():
+            for first in range(self.rotary_cos.size(0), length, block):
+                positions = torch.arange(first, first + block, device=self.rotary_cos.device)
+                cos, sin = rotary_cos_sin(positions, self.config.n_embd // self.config.n_head)
+                cos_chunks.append(cos)
+                sin_chunks.append(sin)
+            self.rotary_cos, self.rotary_sin = torch.cat(cos_chunks), torch.cat(sin_chunks)
 
     @torch.no_grad()
     def attention_maps(self, idx) -> torch.Tensor:

@@ -39,6 +39,10 @@ class TrainingDiverged(TinyGPTError):
     """The loss became NaN or infinite."""
 
 
+class PeerLost(TinyGPTError):
+    """Another process of a distributed job died or timed out."""
+
+
 # ----------------------------------------------------------------------------- distribution
 
 
@@ -74,6 +78,20 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     timeout = datetime.timedelta(seconds=int(os.environ.get("TINYGPT_DIST_TIMEOUT", "300")))
     dist.init_process_group(backend=backend, timeout=timeout)
     return Distributed(rank, world_size, local_rank), device
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer is gone: c10d raises DistError subclasses
+    (NCCL, store, timeouts); gloo's transport raises a RuntimeError naming gloo."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error)
+
+
+def _same_on_all_ranks(value: int, world: Distributed, device: torch.device) -> bool:
+    if not world.enabled:
+        return True
+    low_high = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(low_high, op=dist.ReduceOp.MAX)
+    return low_high[0].item() == -low_high[1].item()
 
 
 def _all_reduce_mean(value: torch.Tensor, world: Distributed) -> torch.Tensor:
@@ -112,14 +130,17 @@ def build_optimizers(model: GPT, config: TrainConfig, device: torch.device) -> l
     return optimizers
 
 
-def learning_rate_at(iteration: int, config: TrainConfig) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr at max_iters."""
+def learning_rate_at(iteration: int, config: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup, then constant or cosine decay to min_lr at max_iters (or at max_time
+    seconds, whichever comes first, when a time budget is set)."""
     if iteration < config.warmup_iters:
         return config.learning_rate * (iteration + 1) / config.warmup_iters
     if config.schedule == "constant":
         return config.learning_rate
     decay_steps = max(1, config.max_iters - config.warmup_iters)
     progress = min(1.0, (iteration - config.warmup_iters) / decay_steps)
+    if config.max_time > 0:
+        progress = max(progress, min(1.0, elapsed / config.max_time))
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
@@ -250,12 +271,36 @@ def _save_last(run_dir, model, optimizers, sampler, device, record_fields) -> No
         **record_fields,
         "optimizer_groups": groups,
         "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *[float(x) if isinstance(x, float) else int(x) for x in numpy_state[2:]]],
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(),
+                      *[float(x) if isinstance(x, float) else int(x) for x in numpy_state[2:]]],
     }
     checkpoint.save_checkpoint(run_dir, "last", record, {"model": checkpoint.model_tensors(model), "state": tensors})
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def dropout_seed(seed: int, rank: int, iteration: int) -> int:
+    """The torch seed for one rank's dropout masks in one iteration. Derived, not carried
+    along, so a resumed run draws exactly the masks it would have drawn, and each rank draws
+    its own (the samples differ). The masks do depend on the world size: with dropout > 0,
+    1 and 2 processes follow different (equally valid) trajectories."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0])
+
+
+def _run_precision(device: torch.device, requested: str, record: dict | None, world: Distributed) -> Precision:
+    """The autocast dtype. A resumed run keeps the one it started with (`auto` on a CPU
+    times matmuls, and a loaded machine could tip the choice), and every rank uses rank 0's."""
+    if record is not None and requested == "auto" and record.get("device_type") == device.type:
+        name = record["precision"]
+        precision = Precision(getattr(torch, name), f"{name}: as the run started")
+    else:
+        precision = choose_precision(device, requested)
+    if world.enabled:
+        bf16 = _agree(precision.dtype == torch.bfloat16, world, device)
+        if bf16 != (precision.dtype == torch.bfloat16):
+            precision = Precision(torch.bfloat16 if bf16 else torch.float32, "rank 0's choice")
+    return precision
 
 
 @dataclass
@@ -266,6 +311,7 @@ class TrainResult:
     interrupted: bool
     parameters: int
     precision: str
+    rank: int = 0  # this process's rank under torchrun; only rank 0 reports
 
 
 def train(
@@ -282,6 +328,14 @@ def train(
     world, device_ = setup_distributed(device)
     try:
         return _train(data_dir, Path(run_dir), model_config, train_config, device_, resume, progress, log, world)
+    except (RuntimeError, dist.DistError) as e:
+        if not (world.enabled and _is_collective_failure(e)):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerLost(
+            f"process {world.rank} of {world.world_size}: another process of the job crashed or stopped "
+            f"answering (see its own error); the last checkpoint is intact, rerun with --resume [{reason}]"
+        ) from None
     finally:
         if world.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -292,6 +346,12 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
     meta = load_meta(data_dir)
     tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
     record = None
+    if resume and not (run_dir / "last.json").exists():
+        # a job that always passes --resume (requeued by a scheduler, restarted by torchrun
+        # --max-restarts) may have died before its first checkpoint: it starts from the beginning
+        if world.is_main:
+            log(f"--resume: no checkpoint in {run_dir} yet (no last.json); starting from iteration 0")
+        resume = False
     if resume:
         record = checkpoint.read_record(run_dir, "last")
         saved_model = record["model_config"]
@@ -305,6 +365,9 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
             raise ConfigError(f"--resume: the data in {data_dir} has a different vocabulary than the run in {run_dir}")
         saved_train = train_config_from_dict(record["train_config"])
         config = dataclasses.replace(saved_train, max_iters=config.max_iters)
+    if not _same_on_all_ranks(-1 if record is None else record["iteration"], world, device):
+        raise ConfigError(f"the processes of this job found different checkpoints in {run_dir}; "
+                          f"on several nodes the run directory must be on a filesystem they all share")
     model_config.vocab_size = tokenizer.vocab_size
     model_config.validate()
     config.validate()
@@ -325,7 +388,7 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
     random.seed(config.seed)
     np.random.seed(config.seed)
     configure_backends(device)
-    precision = choose_precision(device, config.dtype)
+    precision = _run_precision(device, config.dtype, record, world)
     model = GPT(model_config).to(device)
     optimizers = build_optimizers(model, config, device)
     sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world)
@@ -339,8 +402,13 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
         load_optimizer_state(optimizers, state, record["optimizer_groups"])
         _restore_rng(state, record, sampler, device)
         start_iteration, best_val_loss = record["iteration"], record["best_val_loss"]
-        if world.is_main and metrics_path.exists():
+        if world.is_main:
             # drop lines written after this checkpoint: they will be written again
+            size = metrics_path.stat().st_size if metrics_path.exists() else 0
+            if size < record["metrics_bytes"]:
+                raise checkpoint.CheckpointError(
+                    f"{metrics_path} is shorter than when iteration {start_iteration} was saved; "
+                    f"it was altered, so the run cannot continue it")
             with open(metrics_path, "r+b") as f:
                 f.truncate(record["metrics_bytes"])
     elif world.is_main:
@@ -368,7 +436,13 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
             f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token")
         log(f"device: {device}; precision: {precision.reason}; processes: {world.world_size}")
         if record is not None:
-            log(f"resuming from iteration {start_iteration}")
+            saved_world = record.get("world_size", 1)
+            log(f"resuming from iteration {start_iteration}" + (
+                f" (saved by {saved_world} processes, continued by {world.world_size}: the same global batches)"
+                if saved_world != world.world_size else ""))
+            if start_iteration >= config.max_iters:
+                log(f"the run is already at max_iters ({config.max_iters}): nothing to train; "
+                    f"pass a larger --max-iters to extend it")
 
     stop_signal: list[int] = []
 
@@ -392,7 +466,9 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
             "val_loss": val_loss,
             "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
             "precision": precision.name,
+            "device_type": device.type,
             "world_size": world.world_size,
+            "elapsed": elapsed(),
         }
 
     bar = tqdm(total=config.max_iters, initial=start_iteration, desc="train", unit="it",
@@ -403,9 +479,19 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
     interrupted = False
     window_loss = torch.zeros((), device=device)
     window_start, window_iterations = time.perf_counter(), 0
+    # wall-clock seconds spent in this run so far, earlier sessions of a resumed run included
+    elapsed_before = record.get("elapsed", 0.0) if record is not None else 0.0
+    loop_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - loop_start
+
+    time_up = False
     try:
-        while iteration < config.max_iters:
-            lr = learning_rate_at(iteration, config)
+        while iteration < config.max_iters and not time_up:
+            if model_config.dropout > 0:
+                torch.manual_seed(dropout_seed(config.seed, world.rank, iteration))
+            lr = learning_rate_at(iteration, config, elapsed())
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -427,21 +513,23 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
             iteration += 1
             window_iterations += 1
 
-            if iteration % LOG_INTERVAL == 0 or iteration == config.max_iters:
+            # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
+            time_up = config.max_time > 0 and _agree(elapsed() >= config.max_time, world, device)
+            if iteration % LOG_INTERVAL == 0 or iteration == config.max_iters or time_up:
                 mean_loss = window_loss.item() / window_iterations  # the one host sync
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
                         f"the loss became {mean_loss} near iteration {iteration}; stopped without saving. "
                         f"The last good checkpoint is intact; lower learning_rate and --resume or start again"
                     )
-                elapsed = time.perf_counter() - window_start
+                window_seconds = time.perf_counter() - window_start
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{window_iterations * tokens_per_iteration / elapsed:,.0f}")
+                                tok_s=f"{window_iterations * tokens_per_iteration / window_seconds:,.0f}")
                 bar.update(window_iterations)
                 window_loss.zero_()
                 window_start, window_iterations = time.perf_counter(), 0
 
-            if iteration % config.eval_interval == 0 or iteration == config.max_iters:
+            if iteration % config.eval_interval == 0 or iteration == config.max_iters or time_up:
                 train_loss = estimate_loss(model, train_tokens, config, model_config.block_size,
                                            config.seed + iteration, world, device, precision)
                 last_val_loss = estimate_loss(model, val_tokens, config, model_config.block_size,
@@ -460,6 +548,8 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
                     }
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())  # on disk before the checkpoint that counts its bytes
                     plot_losses(metrics_path, run_dir / "loss.png")
                     bar.write(f"iteration {iteration}: train loss {train_loss:.4f}, val loss {last_val_loss:.4f} "
                               f"({last_val_loss / math.log(2):.3f} bits/char)")
@@ -483,7 +573,7 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
                   file=sys.stderr)
         if world.enabled:
             dist.barrier()
-    return TrainResult(iteration, last_val_loss, best_val_loss, interrupted, parameters, precision.name)
+    return TrainResult(iteration, last_val_loss, best_val_loss, interrupted, parameters, precision.name, world.rank)
 
 
 
@@ -498,3 +588,12 @@ def _should_stop(stop_signal: list, iteration: int, world: Distributed, device: 
     flag = torch.tensor(float(bool(stop_signal)), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _agree(flag: bool, world: Distributed, device: torch.device) -> bool:
+    """The same decision on every rank (rank 0's)."""
+    if not world.enabled:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

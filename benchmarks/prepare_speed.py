@@ -1,0 +1,223 @@
+"""Preparation speed and memory: `tinygpt.data.prepare` on a generated corpus.
+
+    .venv/bin/python benchmarks/prepare_speed.py                 # ~200 MB, kinds ascii and mixed
+    .venv/bin/python benchmarks/prepare_speed.py --size-mb 2048 --kinds mixed --repeats 1
+    .venv/bin/python benchmarks/prepare_speed.py --src /tmp/old/src --src src   # A/B two versions
+
+The corpus is random words written into several files: `ascii` is pure ASCII; `mixed` is
+ASCII-heavy text where about one word in 25 is taken from other scripts (accented Latin, Greek,
+Cyrillic, a few CJK, Arabic, Hebrew, Devanagari, Thai, Hangul) or is an emoji, so every chunk
+holds multi-byte UTF-8 (about 4 % of the bytes); `wide` adds CJK words over 300 ideographs, so
+the vocabulary outgrows uint8 and ids are uint16; `cjk` (not run by default) is mostly CJK, the
+opposite of ASCII-heavy. Generating the corpus is not timed.
+
+Each prepare runs in a fresh child process. MB/s is corpus bytes over the wall time of
+`prepare()` (both passes, fsync included, imports excluded); the corpus was just written, so it
+is read from the page cache. Peak RSS is the child's ru_maxrss; peak RssAnon (heap and other
+anonymous memory, not file pages) is sampled from /proc/<pid>/status every few milliseconds.
+With several `--src` trees the runs alternate A B A B, so the ratio is fair on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_BYTES = 1 << 20  # the corpus is made of shuffled 1 MiB blocks of random words
+DISTINCT_BLOCKS = 32
+
+OTHER_SCRIPTS = (
+    "café naïve façade Ærøskøbing straße über señor garçon déjà-vu fiancée Øresund "
+    "λόγος φιλοσοφία ἀρχή Ελλάδα слово Москва привет жизнь Київ "
+    "東京 漢字 日本語 中文 北京 学习 電車 ひらがな カタカナ 한국어 서울 "
+    "مرحبا العربية עברית שלום नमस्ते हिन्दी ประเทศไทย "
+    "“quoted” ‘single’ — – … € £ ¥ © ® ™ ° ± × ÷ "
+    "😀 🚀 👍🏽 🎉 ❤️ 🇯🇵 🤖 📚 ✨ 🐍"
+).split()
+
+
+def _ascii_words(rng: np.random.Generator, count: int) -> list[str]:
+    letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", dtype=np.uint8)
+    weights = 1.0 / np.arange(1, len(letters) + 1)
+    words = []
+    for length in rng.integers(1, 11, size=count):
+        word = bytes(rng.choice(letters, size=length, p=weights / weights.sum())).decode()
+        words.append(word.capitalize() if rng.random() < 0.1 else word)
+    return words + [",", ".", ";", ":", "!", "?", "(1)", "[2024]", "#42", "a+b=c", "'s", '"x"']
+
+
+def _block(rng: np.random.Generator, words: list[str], others: list[str], other_fraction: float) -> bytes:
+    """About BLOCK_BYTES of words, spaces and newlines; `other_fraction` of the words from `others`."""
+    n = BLOCK_BYTES // (6 if other_fraction < 0.5 else 8)
+    picks = rng.integers(0, len(words), size=n)
+    parts = [words[i] for i in picks]
+    for i in np.flatnonzero(rng.random(n) < other_fraction):
+        parts[i] = others[rng.integers(len(others))]
+    seps = np.where(rng.random(n) < 0.08, "\n", " ")
+    return "".join(p + s for p, s in zip(parts, seps, strict=True)).encode("utf-8")
+
+
+def _ideograph_words(rng: np.random.Generator, count: int, alphabet: int) -> list[str]:
+    """Words of 1 to 4 CJK ideographs drawn from the first `alphabet` of the block."""
+    return ["".join(chr(0x4E00 + int(c)) for c in rng.integers(0, alphabet, size=rng.integers(1, 5)))
+            for _ in range(count)]
+
+
+KINDS = {
+    # kind: (description, fraction of words from other scripts, how many CJK ideographs they may use)
+    "ascii": ("pure ASCII", 0.0, 0),
+    "mixed": ("ASCII-heavy; 1 word in 25 from other scripts or emoji", 1 / 25, 0),
+    "wide": ("as mixed, plus CJK words over 300 ideographs (uint16 ids)", 1 / 25, 300),
+    "cjk": ("mostly CJK words over 3000 ideographs, ASCII spaces (not ASCII-heavy)", 0.9, 3000),
+}
+
+
+def generate_corpus(directory: Path, size_mb: float, kind: str, files: int, seed: int = 0) -> int:
+    """Write about size_mb MiB of `kind` text (see KINDS) into `files` files; return the byte count."""
+    rng = np.random.default_rng(seed)
+    words = _ascii_words(rng, 5000)
+    _, other_fraction, ideographs = KINDS[kind]
+    others = list(OTHER_SCRIPTS)
+    if ideographs:
+        others += _ideograph_words(rng, 2000, ideographs)
+        if kind == "cjk":
+            others = others[len(OTHER_SCRIPTS):]
+    blocks = [_block(rng, words, others, other_fraction) for _ in range(DISTINCT_BLOCKS)]
+    directory.mkdir(parents=True, exist_ok=True)
+    target = int(size_mb * (1 << 20))
+    per_file = -(-target // files)
+    total = 0
+    for index in range(files):
+        with open(directory / f"part{index:02d}.txt", "wb") as f:
+            written = 0
+            while written < per_file and total < target:
+                block = blocks[rng.integers(len(blocks))]
+                f.write(block)
+                written += len(block)
+                total += len(block)
+    return total
+
+
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from tinygpt.data import prepare
+start = time.perf_counter()
+report = prepare([sys.argv[2]], sys.argv[3], progress=False)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "vocab": len(report.vocab),
+                  "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _rss_anon_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def run_prepare(src: Path, corpus: Path, out: Path) -> dict:
+    """Prepare `corpus` into `out` with the tinygpt found under `src`, in a child process."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(src), str(corpus), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    peak_anon = None
+    while child.poll() is None:
+        anon = _rss_anon_kb(child.pid)
+        if anon is not None:
+            peak_anon = max(peak_anon or 0, anon)
+        time.sleep(0.005)
+    output = child.stdout.read()
+    if child.returncode != 0:
+        raise SystemExit(f"prepare failed under {src} (exit {child.returncode})")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_anon_kb"] = peak_anon
+    result["dtype"] = json.loads((out / "meta.json").read_text(encoding="utf-8"))["dtype"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=float, default=200, help="corpus size in MiB (default 200)")
+    parser.add_argument("--kinds", default="ascii,mixed,wide",
+                        help="comma-separated corpus kinds: " + "; ".join(f"{k}: {v[0]}" for k, v in KINDS.items()))
+    parser.add_argument("--files", type=int, default=8, help="number of files the corpus is split into")
+    parser.add_argument("--repeats", type=int, default=2, help="prepare runs per kind and source tree")
+    parser.add_argument("--src", action="append", type=Path,
+                        help="source tree holding the tinygpt package (repeat to compare; default src/)")
+    parser.add_argument("--workdir", type=Path, help="where to write the corpus (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated corpus and outputs")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    args = parser.parse_args()
+    sources = [s.resolve() for s in (args.src or [ROOT / "src"])]
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+
+    workdir = Path(tempfile.mkdtemp(prefix="tinygpt-prepare-", dir=args.workdir))
+    rows = []
+    try:
+        for kind in kinds:
+            corpus = workdir / f"corpus-{kind}"
+            start = time.perf_counter()
+            corpus_bytes = generate_corpus(corpus, args.size_mb, kind, args.files)
+            print(f"generated {corpus_bytes / 1e6:.0f} MB of {kind} text in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr)
+            runs: dict[Path, list[dict]] = {src: [] for src in sources}
+            for repeat in range(args.repeats):
+                for src in sources:  # alternate A B A B
+                    out = workdir / "out"
+                    result = run_prepare(src, corpus, out)
+                    shutil.rmtree(out)
+                    runs[src].append(result)
+                    print(f"  {kind} run {repeat + 1} {src}: {result['seconds']:.2f} s", file=sys.stderr)
+            for src, results in runs.items():
+                seconds = [r["seconds"] for r in results]
+                best = min(seconds)
+                anon = [r["peak_rss_anon_kb"] for r in results if r["peak_rss_anon_kb"] is not None]
+                rows.append({
+                    "kind": kind, "src": str(src), "corpus_mb": corpus_bytes / 1e6,
+                    "vocab": results[0]["vocab"], "dtype": results[0]["dtype"],
+                    "seconds_best": best, "seconds_median": statistics.median(seconds),
+                    "mb_per_s_best": corpus_bytes / 1e6 / best,
+                    "mb_per_s_median": corpus_bytes / 1e6 / statistics.median(seconds),
+                    "peak_rss_mb": max(r["max_rss_kb"] for r in results) / 1024,
+                    "peak_rss_anon_mb": max(anon) / 1024 if anon else None,
+                })
+            shutil.rmtree(corpus)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"prepare on {os.cpu_count()} CPU(s); {args.repeats} run(s) each, MB = 10^6 bytes, MiB for memory")
+    header = (f"{'kind':<6} {'source':<28} {'corpus MB':>9} {'vocab':>6} {'dtype':>6} {'best s':>7} "
+              f"{'MB/s best':>9} {'MB/s med':>8} {'peak RSS MiB':>12} {'peak RssAnon MiB':>16}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        anon = f"{row['peak_rss_anon_mb']:.0f}" if row["peak_rss_anon_mb"] is not None else "n/a"
+        print(f"{row['kind']:<6} {row['src'][-28:]:<28} {row['corpus_mb']:>9.0f} {row['vocab']:>6} {row['dtype']:>6} "
+              f"{row['seconds_best']:>7.2f} {row['mb_per_s_best']:>9.0f} {row['mb_per_s_median']:>8.0f} "
+              f"{row['peak_rss_mb']:>12.0f} {anon:>16}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Load test for `tinygpt serve`: concurrent clients on loopback against a real server process.
+
+    python benchmarks/serve_load.py [RUN_DIR] [--clients 32] [--requests 1000] [--max-tokens 64]
+
+Starts `python -m tinygpt serve RUN_DIR` on a free loopback port, sends the requests from
+`--clients` concurrent connections (alternately a plain and a streamed /v1/completions),
+and prints: errors, latency percentiles, time to the first streamed text, generated
+characters per second, and the server's resident memory before and after (flat memory
+means no request leaks anything). Without RUN_DIR it builds a run of the `cpu` preset's
+shape (trained for one step: speed does not depend on what the weights learned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["ROMEO:", "To be, or not to be", "First Citizen:\nBefore we proceed", "O", "The king", "What light"]
+
+
+def build_run(root: Path, preset: str) -> Path:
+    import torch
+
+    from tinygpt.config import get_preset
+    from tinygpt.data import prepare
+    from tinygpt.train import train
+
+    corpus = root / "corpus.txt"
+    # every character of the prompts, and enough text for a block of the cpu preset
+    corpus.write_text("\n".join(PROMPTS) * 200 + "abcdefghijklmnopqrstuvwxyz,.;:!?'\n", encoding="utf-8")
+    prepare([str(corpus)], root / "data", progress=False)
+    model_config, train_config = get_preset(preset)
+    train_config.max_iters, train_config.eval_iters, train_config.batch_size = 1, 1, 4
+    torch.set_num_threads(1)
+    train(root / "data", root / "run", model_config, train_config, device="cpu", progress=False, log=lambda *a: None)
+    return root / "run"
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_request(http: httpx.AsyncClient, model: str, index: int, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens,
+            "temperature": 0.8, "seed": index}
+    started = time.perf_counter()
+    if index % 2 == 0:
+        response = await http.post("/v1/completions", json=body)
+        if response.status_code != 200:
+            return {"error": f"{response.status_code} {response.text[:200]}"}
+        tokens = response.json()["usage"]["completion_tokens"]
+        return {"latency": time.perf_counter() - started, "tokens": tokens}
+    first, text = None, ""
+    async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        if response.status_code != 200:
+            return {"error": f"{response.status_code} {(await response.aread())[:200]!r}"}
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                text += "".join(choice["text"] for choice in chunk["choices"])
+                if first is None:
+                    first = time.perf_counter() - started
+    return {"latency": time.perf_counter() - started, "first": first, "tokens": len(text)}
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[list[dict], float]:
+    results: list[dict] = []
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+
+        async def client() -> None:
+            for index in counter:
+                try:
+                    results.append(await one_request(http, model, index, max_tokens))
+                except httpx.HTTPError as e:
+                    results.append({"error": repr(e)})
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return results, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", nargs="?", help="a trained run (default: build one of --preset's shape)")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.run_dir) if args.run_dir else build_run(Path(tmp), args.preset)
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",
+             "--threads", str(args.threads), "--max-queue", str(max(64, args.clients))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    model = httpx.get(f"{url}/health", timeout=2).json()["model"]
+                    break
+                except httpx.HTTPError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        print(server.stderr.read().decode(errors="replace") if server.stderr else "", file=sys.stderr)
+                        raise SystemExit("the server did not start") from None
+                    time.sleep(0.2)
+            asyncio.run(load(url, model, 4, 20, args.max_tokens))  # warm up: first calls allocate buffers
+            before = rss_kib(server.pid)
+            results, seconds = asyncio.run(load(url, model, args.clients, args.requests, args.max_tokens))
+            after = rss_kib(server.pid)
+            health = httpx.get(f"{url}/health").json()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    errors = [r["error"] for r in results if "error" in r]
+    done = [r for r in results if "error" not in r]
+    latencies = [r["latency"] * 1000 for r in done]
+    firsts = [r["first"] * 1000 for r in done if r.get("first") is not None]
+    tokens = sum(r["tokens"] for r in done)
+    print(f"server: {run_dir} ({args.preset if not args.run_dir else 'given run'}), torch threads {args.threads}")
+    print(f"{args.requests} requests from {args.clients} concurrent clients, max_tokens {args.max_tokens}, "
+          "half plain, half streamed")
+    print(f"errors:                {len(errors)}" + (f"  first: {errors[0]}" if errors else ""))
+    print(f"wall time:             {seconds:.1f} s  ({len(done) / seconds:.1f} requests/s)")
+    print(f"latency p50 / p99:     {percentile(latencies, 50):.0f} / {percentile(latencies, 99):.0f} ms")
+    if firsts:
+        print(f"first text p50 / p99:  {percentile(firsts, 50):.0f} / {percentile(firsts, 99):.0f} ms (streamed)")
+    print(f"generated:             {tokens:,} characters, {tokens / seconds:,.0f} characters/s")
+    print(f"server RSS before:     {before['VmRSS'] / 1024:.1f} MiB")
+    print(f"server RSS after:      {after['VmRSS'] / 1024:.1f} MiB  (peak {after['VmHWM'] / 1024:.1f} MiB, "
+          f"change {(after['VmRSS'] - before['VmRSS']) / 1024:+.1f} MiB)")
+    print(f"server counters:       completed {health['completed']}, cancelled {health['cancelled']}, "
+          f"active {health['active']}, queued {health['queued']}")
+    mean = statistics.fmean(latencies) if latencies else 0.0
+    print(f"mean latency:          {mean:.0f} ms")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

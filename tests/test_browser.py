@@ -1,0 +1,91 @@
+"""The playground page in a real browser: Debian's Chromium driven by playwright.
+
+Skips when /usr/bin/chromium or the playwright package is missing (`.ci/run` installs
+Chromium with apt-get; playwright's own browser download is never used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import live_server, trained_run
+from tinygpt.serve import Limits, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    # a short time slice: the page receives the characters in many small pieces, as a person would see them
+    app = create_app(trained_run(tmp_path_factory), device="cpu", limits=Limits(time_slice=0.002))
+    with live_server(app) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_generates_inspects_and_shows_attention(page, tmp_path):
+    page.wait_for_selector("#model-info:has-text('parameters')")
+    page.fill("#prompt", "To be")
+    page.fill("#length", "120")
+    page.fill("#seed", "3")
+    page.press("#prompt", "Control+Enter")  # the keyboard shortcut starts the generation
+
+    page.wait_for_function("document.querySelectorAll('#output .ch').length >= 10")
+    page.wait_for_selector("#generate:not([disabled])")
+    assert "120 characters" in page.inner_text("#status")
+    assert page.eval_on_selector_all("#output .ch", "spans => spans.length") == 120
+    assert page.text_content("#output").startswith("To be")
+    colours = page.eval_on_selector_all("#output .ch", "spans => spans.map(s => getComputedStyle(s).backgroundColor)")
+    probabilities = page.eval_on_selector_all("#output .ch", "spans => spans.map(s => Number(s.dataset.prob))")
+    assert all(0 < p <= 1 for p in probabilities)
+    assert len(set(colours)) > 5 and "rgba(0, 0, 0, 0)" not in colours  # every character tinted, by its probability
+
+    page.hover("#output .ch[data-index='7']")  # hovering shows the top-5 alternatives
+    assert page.is_visible("#tooltip")
+    assert page.eval_on_selector_all("#tooltip li", "items => items.length") == 5
+
+    page.focus("#output")  # the keyboard reaches every character: End, then one step back
+    page.keyboard.press("End")
+    page.keyboard.press("ArrowLeft")
+    assert page.get_attribute("#output .ch.selected", "data-index") == "118"
+    assert "Character 119" in page.inner_text("#details")
+    assert page.eval_on_selector_all("#details li", "items => items.length") == 5
+
+    page.click("#toggle-attention")
+    assert page.get_attribute("#toggle-attention", "aria-expanded") == "true"
+    page.wait_for_selector("#heatmap .cell")
+    weights = page.eval_on_selector_all("#heatmap .cell", "cells => cells.map(c => Number(c.dataset.weight))")
+    assert len(weights) == 32 and sum(weights) == pytest.approx(1, abs=0.01)  # the context window, one row
+    page.select_option("#layer", index=0)
+    page.select_option("#head", index=2)  # after "all (mean)": head 2
+    assert "Layer 1, head 2" in page.inner_text("#attention-caption")
+    other = page.eval_on_selector_all("#heatmap .cell", "cells => cells.map(c => Number(c.dataset.weight))")
+    assert other != weights and sum(other) == pytest.approx(1, abs=0.01)
+
+    screenshot = tmp_path / "playground.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(tmp_path / "playground-phone.png"), full_page=True)
+
+
+def test_shows_the_servers_error(page):
+    page.fill("#prompt", "Zebra")
+    page.click("#generate")
+    page.wait_for_selector("#status.error")
+    assert "'Z'" in page.inner_text("#status")

@@ -1,0 +1,334 @@
+"""The `tinygpt` command end to end, in subprocesses, on a tiny corpus."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_ok, assert_one_line_error, read_meta, run_cli, words_text, write_text
+from tinygpt.checkpoint import load_model
+from tinygpt.config import get_preset
+from tinygpt.data import prepare
+from tinygpt.model import GPT
+
+TRAIN_ARGS = ["--preset", "tiny", "--set", "dtype=float32", "--device", "cpu", "--no-progress"]
+
+
+@dataclass
+class Trained:
+    corpus: Path
+    data: Path
+    run: Path
+    prepare_output: subprocess.CompletedProcess
+    train_output: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus"
+    write_text(corpus / "one.txt", words_text(500, seed=3))
+    write_text(corpus / "nested" / "two.txt", words_text(300, seed=4))
+    prepared = assert_ok(run_cli("prepare", corpus, "--out", root / "data", "--no-progress", cwd=root))
+    trained = assert_ok(run_cli("train", "--data", root / "data", "--out", root / "run", "--max-iters", 20,
+                                "--set", "eval_interval=10", "--seed", 3, *TRAIN_ARGS, cwd=root))
+    return Trained(corpus, root / "data", root / "run", prepared, trained)
+
+
+def sample(trained: Trained, *args) -> str:
+    result = assert_ok(run_cli("sample", trained.run, "--device", "cpu", *args))
+    assert result.stdout.endswith("\n")
+    return result.stdout[:-1]
+
+
+def test_prepare_and_train(trained):
+    meta = read_meta(trained.data)
+    assert "prepared 2 file(s)" in trained.prepare_output.stdout
+    assert f"vocabulary {meta['vocab_size']} symbols" in trained.prepare_output.stdout
+    assert trained.prepare_output.stderr == ""
+    assert "done: 20 iterations" in trained.train_output.stdout
+    assert "bits/char" in trained.train_output.stdout
+    assert trained.train_output.stderr == ""  # --no-progress: no bars, and nothing else either
+    assert [json.loads(line)["iteration"] for line in (trained.run / "metrics.jsonl").read_text().splitlines()] == [
+        10, 20]
+    for name in ("best.json", "last.json", "loss.png"):
+        assert (trained.run / name).is_file()
+
+
+def test_eval_json(trained):
+    result = assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--json", "--device", "cpu"))
+    values = json.loads(result.stdout)
+    assert set(values) == {"loss", "bits_per_char", "perplexity", "characters"}
+    assert values["bits_per_char"] == pytest.approx(values["loss"] / math.log(2), rel=1e-9)
+    assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-9)
+    assert values["characters"] == read_meta(trained.data)["val_tokens"] - 1  # every character after the first
+    assert 0 < values["loss"] < math.log(read_meta(trained.data)["vocab_size"]) + 1
+    assert result.stderr == ""
+
+    text = assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--split", "train", "--device", "cpu",
+                             "--no-progress"))
+    train_values = json.loads(assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--split", "train",
+                                                "--json", "--device", "cpu")).stdout)
+    assert train_values["characters"] == read_meta(trained.data)["train_tokens"] - 1
+    assert f"train bits/char: {train_values['bits_per_char']:.3f}" in text.stdout
+    assert f"train perplexity: {train_values['perplexity']:.3f}" in text.stdout
+
+
+def test_sample_same_seed_same_text(trained):
+    first = sample(trained, "--prompt", "The king", "--max-new-tokens", 60, "--seed", 5)
+    second = sample(trained, "--prompt", "The king", "--max-new-tokens", 60, "--seed", 5)
+    other = sample(trained, "--prompt", "The king", "--max-new-tokens", 60, "--seed", 6)
+    assert first == second
+    assert first.startswith("The king") and len(first) == len("The king") + 60
+    assert other != first
+    vocabulary = set(read_meta(trained.data)["tokenizer"]["chars"])
+    assert set(first) <= vocabulary
+
+
+def test_greedy_is_deterministic_and_slides_past_block_size(trained):
+    prompt, new = "The queen", 80  # 89 characters: well past block_size 32
+    cached = sample(trained, "--prompt", prompt, "--max-new-tokens", new, "--temperature", 0, "--seed", 1)
+    uncached = sample(trained, "--prompt", prompt, "--max-new-tokens", new, "--temperature", 0, "--seed", 2,
+                      "--no-cache")
+    assert cached == uncached
+    assert len(cached) == len(prompt) + new
+
+    # within the block, greedy is the argmax of the model's own logits, step by step
+    model, tokenizer = load_model(trained.run)
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        while len(ids) < model.config.block_size:
+            logits, _ = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    assert cached[: len(ids)] == tokenizer.decode(ids)
+
+
+def test_sample_several(trained):
+    text = sample(trained, "--prompt", "A", "--max-new-tokens", 20, "--num-samples", 2)
+    assert text.count("--- sample") == 2
+
+
+def test_info_run_json(trained):
+    values = json.loads(assert_ok(run_cli("info", trained.run, "--json")).stdout)
+    model_config, _ = get_preset("tiny")
+    model_config.vocab_size = read_meta(trained.data)["vocab_size"]
+    assert values["parameters"] == GPT(model_config).num_parameters()
+    assert values["model_config"]["vocab_size"] == model_config.vocab_size
+    assert values["model_config"]["n_embd"] == model_config.n_embd
+
+
+def test_info_seed_preset():
+    text = assert_ok(run_cli("info", "--preset", "seed", "--vocab-size", 145)).stdout
+    assert "21,416,593" in text and "21.42 M" in text
+    values = json.loads(assert_ok(run_cli("info", "--preset", "seed", "--vocab-size", 145, "--json")).stdout)
+    assert values["parameters"] == 21_416_593
+    assert values["model_config"]["norm"] == "post" and values["model_config"]["activation"] == "relu"
+
+
+def test_presets():
+    lines = assert_ok(run_cli("presets")).stdout.splitlines()
+    names = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    assert {"seed", "gpt", "cpu", "tiny"} <= set(names)
+    assert "n_layer 12, n_head 8, n_embd 384, block_size 64, batch 256" in "\n".join(lines)
+
+
+def test_skip_policy_reports_on_stderr(tmp_path):
+    write_text(tmp_path / "corpus" / "good.txt", "good text\n" * 5)
+    (tmp_path / "corpus" / "bad.txt").write_bytes(b"bad \xff text")
+    result = assert_ok(run_cli("prepare", tmp_path / "corpus", "--out", tmp_path / "data",
+                               "--encoding-errors", "skip", "--no-progress"))
+    assert "skipping" in result.stderr and "bad.txt" in result.stderr and "byte offset 4" in result.stderr
+    assert read_meta(tmp_path / "data")["skipped_files"] == [str(tmp_path / "corpus" / "bad.txt")]
+    assert "prepared 1 file(s)" in result.stdout
+
+
+def test_ctrl_c_saves_and_resume_continues(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "tinygpt", "train", "--data", str(trained.data), "--out", str(run_dir),
+               "--max-iters", "100000", "--set", "eval_interval=10", *TRAIN_ARGS]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "last.json").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().startswith("interrupted: saved iteration ")
+    stopped = json.loads((run_dir / "last.json").read_text())["iteration"]
+    assert 10 <= stopped < 100000
+    assert load_model(run_dir, "last")[0].config.n_embd == 32
+
+    resumed = assert_ok(run_cli("train", "--data", trained.data, "--out", run_dir, "--resume",
+                                "--max-iters", stopped + 10, *TRAIN_ARGS))
+    assert f"resuming from iteration {stopped}" in resumed.stdout
+    assert json.loads((run_dir / "last.json").read_text())["iteration"] == stopped + 10
+    iterations = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == sorted(set(iterations)) and iterations[-1] == stopped + 10
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def missing_input(tmp_path, trained):
+    return ["prepare", tmp_path / "no-such-corpus", "--out", tmp_path / "data", "--no-progress"]
+
+
+def no_matching_files(tmp_path, trained):
+    write_text(tmp_path / "corpus" / "notes.md", "not a txt file\n")
+    return ["prepare", tmp_path / "corpus", "--out", tmp_path / "data", "--no-progress"]
+
+
+def empty_corpus(tmp_path, trained):
+    write_text(tmp_path / "corpus" / "empty.txt", "")
+    return ["prepare", tmp_path / "corpus", "--out", tmp_path / "data", "--no-progress"]
+
+
+def undecodable_strict(tmp_path, trained):
+    write_text(tmp_path / "corpus" / "good.txt", "fine\n")
+    (tmp_path / "corpus" / "bad.txt").write_bytes("héllo ".encode() + b"\xff")
+    return ["prepare", tmp_path / "corpus", "--out", tmp_path / "data", "--no-progress"]
+
+
+def vocabulary_too_large(tmp_path, trained):
+    write_text(tmp_path / "corpus" / "huge.txt", "".join(chr(0x10000 + i) for i in range(65537)))
+    return ["prepare", tmp_path / "corpus", "--out", tmp_path / "data", "--no-progress"]
+
+
+def train_args(trained, tmp_path, *extra):
+    return ["train", "--data", trained.data, "--out", tmp_path / "run", "--max-iters", 5, *TRAIN_ARGS, *extra]
+
+
+def unknown_set_key(tmp_path, trained):
+    return train_args(trained, tmp_path, "--set", "colour=blue")
+
+
+def bad_set_value(tmp_path, trained):
+    return train_args(trained, tmp_path, "--set", "n_layer=two")
+
+
+def n_embd_not_divisible(tmp_path, trained):
+    return train_args(trained, tmp_path, "--set", "n_embd=30", "--set", "n_head=4")
+
+
+def dropout_too_large(tmp_path, trained):
+    return train_args(trained, tmp_path, "--set", "dropout=1.5")
+
+
+def block_larger_than_data(tmp_path, trained):
+    return train_args(trained, tmp_path, "--set", "block_size=100000")
+
+
+def train_missing_data(tmp_path, trained):
+    return ["train", "--data", tmp_path / "no-data", "--out", tmp_path / "run", *TRAIN_ARGS]
+
+
+def resume_corrupt_checkpoint(tmp_path, trained):
+    run_dir = copy_run(tmp_path, trained)
+    (run_dir / "last.json").write_text('{"format": "something else"}')
+    return ["train", "--data", trained.data, "--out", run_dir, "--resume", *TRAIN_ARGS]
+
+
+def unknown_preset(tmp_path, trained):
+    return ["train", "--data", trained.data, "--out", tmp_path / "run", "--preset", "huge"]
+
+
+def eval_missing_run(tmp_path, trained):
+    return ["eval", tmp_path / "no-run", "--data", trained.data, "--no-progress"]
+
+
+def sample_missing_run(tmp_path, trained):
+    return ["sample", tmp_path / "no-run", "--max-new-tokens", 5]
+
+
+def copy_run(tmp_path, trained) -> Path:
+    return Path(shutil.copytree(trained.run, tmp_path / "run"))
+
+
+def eval_corrupt_checkpoint(tmp_path, trained):
+    run_dir = copy_run(tmp_path, trained)
+    path = run_dir / json.loads((run_dir / "best.json").read_text())["files"]["model"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return ["eval", run_dir, "--data", trained.data, "--no-progress"]
+
+
+def sample_corrupt_record(tmp_path, trained):
+    run_dir = copy_run(tmp_path, trained)
+    (run_dir / "best.json").write_text("{ this is not json")
+    return ["sample", run_dir, "--max-new-tokens", 5]
+
+
+def sample_truncated_checkpoint(tmp_path, trained):
+    run_dir = copy_run(tmp_path, trained)
+    path = run_dir / json.loads((run_dir / "best.json").read_text())["files"]["model"]["file"]
+    path.write_bytes(path.read_bytes()[:100])
+    return ["sample", run_dir, "--max-new-tokens", 5]
+
+
+def prompt_outside_vocabulary(tmp_path, trained):
+    return ["sample", trained.run, "--prompt", "The ☃ and 😀", "--max-new-tokens", 5, "--device", "cpu"]
+
+
+def eval_other_vocabulary(tmp_path, trained):
+    write_text(tmp_path / "other" / "x.txt", "completely different symbols: ΑΒΓΔ 12345\n" * 20)
+    prepare([str(tmp_path / "other")], tmp_path / "other-data")
+    return ["eval", trained.run, "--data", tmp_path / "other-data", "--no-progress"]
+
+
+def info_without_target(tmp_path, trained):
+    return ["info"]
+
+
+BAD_INPUTS = [
+    (missing_input, "no such file or directory"),
+    (no_matching_files, "no files matching '*.txt'"),
+    (empty_corpus, "empty"),
+    (undecodable_strict, "bad.txt: invalid UTF-8 at byte offset 7"),
+    (vocabulary_too_large, "65537 distinct characters"),
+    (unknown_set_key, "unknown config key 'colour'; known keys: "),
+    (bad_set_value, "n_layer expects an int"),
+    (n_embd_not_divisible, "n_embd (30) must be divisible by n_head (4)"),
+    (dropout_too_large, "dropout must be in [0, 1), got 1.5"),
+    (block_larger_than_data, "block_size 100000 is larger than the train split"),
+    (train_missing_data, "no meta.json"),
+    (resume_corrupt_checkpoint, "is not a tinygpt checkpoint"),
+    (unknown_preset, "invalid choice: 'huge'"),
+    (eval_missing_run, "no such run directory"),
+    (sample_missing_run, "no such run directory"),
+    (eval_corrupt_checkpoint, "truncated or altered"),
+    (sample_corrupt_record, "not valid JSON"),
+    (sample_truncated_checkpoint, "truncated or altered"),
+    (prompt_outside_vocabulary, "characters not in the vocabulary: '☃', '😀'"),
+    (eval_other_vocabulary, "vocabulary"),
+    (info_without_target, "info needs a RUN_DIR"),
+]
+
+
+@pytest.mark.parametrize(("setup", "message"), BAD_INPUTS, ids=[setup.__name__ for setup, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_non_zero_exit(tmp_path, trained, setup, message):
+    result = run_cli(*setup(tmp_path, trained), cwd=tmp_path)
+    line = assert_one_line_error(result)
+    assert line.startswith("tinygpt ")
+    assert message in line
+    if setup is unknown_set_key:
+        for key in ("n_embd", "n_layer", "learning_rate", "dropout", "max_iters"):
+            assert key in line
+    if setup is undecodable_strict:
+        assert str(tmp_path / "corpus" / "bad.txt") in line

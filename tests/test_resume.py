@@ -1,0 +1,321 @@
+"""Exact resume: a run killed at any moment and continued with --resume ends bit for bit
+where an uninterrupted run ends, and a damaged run directory is refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygpt import checkpoint
+from tinygpt.cli import main
+from tinygpt.config import get_preset
+from tinygpt.data import prepare
+from tinygpt.train import dropout_seed, train
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+# dropout > 0 so that the RNG streams matter; float32 so that no run-time timing picks bf16
+SETTINGS = {"dtype": "float32", "dropout": 0.1, "eval_iters": 2}
+_real_replace = os.replace
+
+
+def _corpus(path: Path, seed: int = 0, alphabet: str | None = None) -> Path:
+    rng = random.Random(seed)
+    text = " ".join(rng.choice(WORDS) for _ in range(3000))
+    if alphabet is not None:
+        text += alphabet
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepare([str(_corpus(root / "corpus.txt"))], root / "data")
+    return root / "data"
+
+
+def _train(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int, resume: bool = False):
+    model_config, train_config = get_preset("tiny")
+    model_config.dropout = SETTINGS["dropout"]
+    train_config.dtype = SETTINGS["dtype"]
+    train_config.eval_iters = SETTINGS["eval_iters"]
+    train_config.eval_interval = eval_interval
+    train_config.max_iters = max_iters
+    return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume,
+                 progress=False, log=lambda *args: None)
+
+
+def _cli_args(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int) -> list[str]:
+    args = ["train", "--data", str(data_dir), "--out", str(run_dir), "--preset", "tiny",
+            "--max-iters", str(max_iters), "--set", f"eval_interval={eval_interval}", "--no-progress"]
+    for key, value in SETTINGS.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the `last` checkpoint: weights, optimizer moments, RNG states."""
+    record = checkpoint.read_record(run_dir, "last")
+    return {f"{kind}/{name}": t for kind in record["files"]
+            for name, t in checkpoint.load_tensors(run_dir, record, kind).items()}
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], context: str) -> None:
+    assert a.keys() == b.keys(), context
+    differing = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not differing, f"{context}: tensors differ: {differing[:5]}"
+
+
+def _metrics_iterations(run_dir: Path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- crashes in-process
+
+
+class _Crash(BaseException):
+    """Stands for SIGKILL: nothing in the library catches it, so the files stay as they are."""
+
+
+def _crash_at_rename(monkeypatch, crash_index: int, after: bool) -> list[str]:
+    """Make the crash_index-th rename of the run (checkpoint files, JSON records, plot) crash,
+    before it happens or just after."""
+    renames: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append(Path(dst).name)
+        if len(renames) - 1 == crash_index and not after:
+            raise _Crash
+        real_replace(src, dst)
+        if len(renames) - 1 == crash_index and after:
+            raise _Crash
+
+    monkeypatch.setattr(os, "replace", replace)
+    return renames
+
+
+def test_a_crash_at_every_step_of_a_save_resumes_bit_for_bit(data_dir, tmp_path, monkeypatch):
+    reference_dir = tmp_path / "reference"
+    renames = _crash_at_rename(monkeypatch, -1, after=False)  # records the renames, crashes never
+    _train(data_dir, reference_dir, max_iters=12, eval_interval=4)
+    reference = _final_state(reference_dir)
+    reference_metrics = (reference_dir / "metrics.jsonl").read_bytes()
+    plots = [i for i, name in enumerate(renames) if name == "loss.png"]
+    assert len(plots) == 3  # evaluations at 4, 8 and 12
+    # the first rename of the run (no checkpoint exists yet: --resume starts afresh), then
+    # every rename of the second evaluation's save, and the moment after its commit
+    crash_points = [(0, False)] + [(i, False) for i in range(plots[1], plots[2])] + [(plots[2] - 1, True)]
+    assert renames[plots[2] - 1] == "last.json"
+    for crash_index, after in crash_points:
+        run_dir = tmp_path / f"crash-{crash_index}-{after}"
+        _crash_at_rename(monkeypatch, crash_index, after)
+        with pytest.raises(_Crash):
+            _train(data_dir, run_dir, max_iters=12, eval_interval=4)
+        monkeypatch.setattr(os, "replace", _real_replace)
+        where = f"crash {'after' if after else 'before'} renaming {renames[crash_index]} (rename {crash_index})"
+        result = _train(data_dir, run_dir, max_iters=12, eval_interval=4, resume=True)
+        assert result.iterations == 12, where
+        _assert_bitwise_equal(_final_state(run_dir), reference, where)
+        assert (run_dir / "metrics.jsonl").read_bytes() == reference_metrics, where
+        assert not list(run_dir.glob(".*.tmp")), f"{where}: temporary files left behind"
+
+
+def test_evaluation_does_not_move_the_training_streams(data_dir, tmp_path):
+    _train(data_dir, tmp_path / "often", max_iters=12, eval_interval=2)
+    _train(data_dir, tmp_path / "once", max_iters=12, eval_interval=12)
+    assert _metrics_iterations(tmp_path / "often") == [2, 4, 6, 8, 10, 12]
+    _assert_bitwise_equal(_final_state(tmp_path / "often"), _final_state(tmp_path / "once"),
+                          "evaluating every 2 iterations vs once")
+
+
+def test_dropout_streams_differ_by_rank_and_iteration_and_repeat():
+    seeds = {dropout_seed(1337, rank, iteration) for rank in range(4) for iteration in range(50)}
+    assert len(seeds) == 200
+    assert dropout_seed(1337, 1, 7) == dropout_seed(1337, 1, 7)
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(data_dir, tmp_path):
+    _train(data_dir, tmp_path / "fresh", max_iters=4, eval_interval=4)
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "metrics.jsonl").write_text('{"iteration": 4}\n')  # a row no checkpoint counts
+    result = _train(data_dir, tmp_path / "resumed", max_iters=4, eval_interval=4, resume=True)
+    assert result.iterations == 4
+    assert _metrics_iterations(tmp_path / "resumed") == [4]
+    _assert_bitwise_equal(_final_state(tmp_path / "resumed"), _final_state(tmp_path / "fresh"), "fresh vs resumed")
+
+
+# ----------------------------------------------------------------------------- SIGKILL, for real
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll until condition() holds; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.002)
+    raise AssertionError("the training process neither progressed nor ended")
+
+
+def _saving(run_dir: Path) -> bool:
+    """A save is under way or just done: a tensor file of a checkpoint `last.json` does not name yet."""
+    try:
+        named = {entry["file"] for entry in json.loads((run_dir / "last.json").read_text())["files"].values()}
+    except (OSError, ValueError, KeyError):
+        named = set()
+    return any(p.name.lstrip(".").removesuffix(".tmp") not in named for p in run_dir.glob("*last-*"))
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_for_bit(data_dir, tmp_path):
+    max_iters, eval_interval = 40, 5
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def start(run_dir: Path, log: Path, resume: bool) -> subprocess.Popen:
+        args = _cli_args(data_dir, run_dir, max_iters, eval_interval) + (["--resume"] if resume else [])
+        return subprocess.Popen([sys.executable, "-m", "tinygpt", *args], env=env, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT)
+
+    reference_dir = tmp_path / "reference"
+    reference = start(reference_dir, tmp_path / "reference.log", resume=False)
+    run_dir = tmp_path / "killed"
+    rng = random.Random()
+
+    def after_a_random_pause_once_saved() -> bool:
+        if not (run_dir / "last.json").exists():
+            return False
+        time.sleep(rng.uniform(0.0, 0.4))
+        return True
+
+    kills = [
+        # before the first checkpoint: --resume must start from the beginning
+        ("before the first save", lambda: "device:" in (tmp_path / "run0.log").read_text()),
+        # mid-step: a random moment after a checkpoint exists
+        ("mid-step", after_a_random_pause_once_saved),
+        # mid-save: as soon as a new checkpoint file shows up
+        ("mid-save", lambda: _saving(run_dir)),
+    ]
+    observed = []
+    for attempt, (moment, condition) in enumerate(kills):
+        log = tmp_path / f"run{attempt}.log"
+        log.touch()
+        process = start(run_dir, log, resume=attempt > 0)
+        if _wait_for(condition, process):
+            process.send_signal(signal.SIGKILL)
+            observed.append(moment)
+        process.wait()
+        if attempt > 0 and "resuming from iteration" not in log.read_text():
+            assert "no checkpoint" in log.read_text(), log.read_text()
+    final = start(run_dir, tmp_path / "final.log", resume=True)
+    assert final.wait() == 0, (tmp_path / "final.log").read_text()
+    assert reference.wait() == 0, (tmp_path / "reference.log").read_text()
+    assert len(observed) >= 2, f"too few kills landed before the run ended: {observed}"
+    context = f"killed {observed}"
+    _assert_bitwise_equal(_final_state(run_dir), _final_state(reference_dir), context)
+    assert _metrics_iterations(run_dir) == list(range(eval_interval, max_iters + 1, eval_interval)), context
+    assert (run_dir / "metrics.jsonl").read_bytes() == (reference_dir / "metrics.jsonl").read_bytes(), context
+    assert "no checkpoint" in (tmp_path / "run1.log").read_text()  # the first kill came before any save
+
+
+# ----------------------------------------------------------------------------- refusals, one line
+
+
+@pytest.fixture
+def saved_run(data_dir, tmp_path) -> Path:
+    _train(data_dir, tmp_path / "run", max_iters=4, eval_interval=4)
+    return tmp_path / "run"
+
+
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinygpt", *args], capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(returncode: int, stderr: str, expected: str) -> None:
+    assert returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], stderr
+
+
+def test_resume_with_another_model_config_is_refused(data_dir, saved_run):
+    result = _run_cli(_cli_args(data_dir, saved_run, 8, 4) + ["--resume", "--set", "n_embd=48"])
+    _assert_one_line_error(result.returncode, result.stderr, "different model config (n_embd 32 vs 48)")
+
+
+def test_resume_on_data_with_another_vocabulary_is_refused(data_dir, saved_run, tmp_path):
+    other = tmp_path / "other"
+    prepare([str(_corpus(tmp_path / "other.txt", alphabet="XYZ"))], other)
+    result = _run_cli(_cli_args(other, saved_run, 8, 4) + ["--resume"])
+    _assert_one_line_error(result.returncode, result.stderr, "different vocabulary")
+
+
+def _damage_truncate(run_dir: Path) -> str:
+    path = next(run_dir.glob("last-*.state.safetensors"))
+    path.write_bytes(path.read_bytes()[:-100])
+    return "truncated or altered (checksum mismatch)"
+
+
+def _damage_foreign_tensors(run_dir: Path) -> str:
+    # another checkpoint's file under this one's name: a valid safetensors file, the wrong one
+    shutil.copy(next(run_dir.glob("best-*.model.safetensors")), next(run_dir.glob("last-*.state.safetensors")))
+    return "truncated or altered (checksum mismatch)"
+
+
+def _damage_truncate_record(run_dir: Path) -> str:
+    record = run_dir / "last.json"
+    record.write_bytes(record.read_bytes()[:200])
+    return "corrupt: not valid JSON"
+
+
+def _damage_foreign_record(run_dir: Path) -> str:
+    shutil.copy(run_dir / "config.json", run_dir / "last.json")
+    return "is not a tinygpt checkpoint"
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_foreign_tensors, _damage_truncate_record,
+                                    _damage_foreign_record])
+def test_a_damaged_checkpoint_is_refused_in_one_line(data_dir, saved_run, capsys, damage):
+    expected = damage(saved_run)
+    capsys.readouterr()
+    returncode = main(_cli_args(data_dir, saved_run, 8, 4) + ["--resume"])
+    _assert_one_line_error(returncode, capsys.readouterr().err, expected)
+
+
+def test_a_damaged_best_checkpoint_is_refused_when_sampling(saved_run, capsys):
+    path = next(saved_run.glob("best-*.model.safetensors"))
+    path.write_bytes(path.read_bytes()[:-1])
+    returncode = main(["sample", str(saved_run), "--max-new-tokens", "3", "--device", "cpu"])
+    _assert_one_line_error(returncode, capsys.readouterr().err, "checksum mismatch")
+
+
+def test_resume_refuses_metrics_shorter_than_the_checkpoint_counts(data_dir, saved_run, capsys):
+    (saved_run / "metrics.jsonl").write_text("")
+    returncode = main(_cli_args(data_dir, saved_run, 8, 4) + ["--resume"])
+    _assert_one_line_error(returncode, capsys.readouterr().err, "metrics.jsonl is shorter")
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def test_saving_an_iteration_again_never_overwrites_the_committed_files(tmp_path):
+    tensors = {"model": {"w": torch.zeros(3)}}
+    checkpoint.save_checkpoint(tmp_path, "last", {"iteration": 7}, tensors)
+    first = checkpoint.read_record(tmp_path, "last")["files"]["model"]["file"]
+    (tmp_path / ".last-00000003.model.safetensors.tmp").write_bytes(b"left by a killed save")
+    checkpoint.save_checkpoint(tmp_path, "last", {"iteration": 7}, {"model": {"w": torch.ones(3)}})
+    record = checkpoint.read_record(tmp_path, "last")
+    assert record["files"]["model"]["file"] != first
+    assert torch.equal(checkpoint.load_tensors(tmp_path, record, "model")["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [record["files"]["model"]["file"], "last.json"]
