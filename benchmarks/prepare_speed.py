@@ -1,6 +1,6 @@
 """Preparation speed and memory: `tinygpt.data.prepare` on a generated corpus.
 
-    .venv/bin/python benchmarks/prepare_speed.py                 # ~200 MB, kinds ascii and mixed
+    .venv/bin/python benchmarks/prepare_speed.py                 # ~200 MiB of each default kind
     .venv/bin/python benchmarks/prepare_speed.py --size-mb 2048 --kinds mixed --repeats 1
     .venv/bin/python benchmarks/prepare_speed.py --src /tmp/old/src --src src   # A/B two versions
 
@@ -13,8 +13,10 @@ opposite of ASCII-heavy. Generating the corpus is not timed.
 
 Each prepare runs in a fresh child process. MB/s is corpus bytes over the wall time of
 `prepare()` (both passes, fsync included, imports excluded); the corpus was just written, so it
-is read from the page cache. Peak RSS is the child's ru_maxrss; peak RssAnon (heap and other
-anonymous memory, not file pages) is sampled from /proc/<pid>/status every few milliseconds.
+is read from the page cache. MB/CPU-s is corpus bytes over the child's CPU time (user + system)
+in `prepare()`: on a shared, busy machine it shows what one free core would do. Peak RSS is
+the child's ru_maxrss; peak RssAnon (heap and other anonymous memory, not file pages) is
+sampled from /proc/<pid>/status every few milliseconds.
 With several `--src` trees the runs alternate A B A B, so the ratio is fair on a noisy machine.
 """
 
@@ -113,10 +115,10 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from tinygpt.data import prepare
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 report = prepare([sys.argv[2]], sys.argv[3], progress=False)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "vocab": len(report.vocab),
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "vocab": len(report.vocab),
                   "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -175,6 +177,7 @@ def main() -> None:
             corpus = workdir / f"corpus-{kind}"
             start = time.perf_counter()
             corpus_bytes = generate_corpus(corpus, args.size_mb, kind, args.files)
+            os.sync()  # write the corpus out now, not while prepare is being timed
             print(f"generated {corpus_bytes / 1e6:.0f} MB of {kind} text in {time.perf_counter() - start:.1f} s",
                   file=sys.stderr)
             runs: dict[Path, list[dict]] = {src: [] for src in sources}
@@ -184,7 +187,8 @@ def main() -> None:
                     result = run_prepare(src, corpus, out)
                     shutil.rmtree(out)
                     runs[src].append(result)
-                    print(f"  {kind} run {repeat + 1} {src}: {result['seconds']:.2f} s", file=sys.stderr)
+                    print(f"  {kind} run {repeat + 1} {src}: {result['seconds']:.2f} s, "
+                          f"{result['cpu_seconds']:.2f} CPU s", file=sys.stderr)
             for src, results in runs.items():
                 seconds = [r["seconds"] for r in results]
                 best = min(seconds)
@@ -195,6 +199,7 @@ def main() -> None:
                     "seconds_best": best, "seconds_median": statistics.median(seconds),
                     "mb_per_s_best": corpus_bytes / 1e6 / best,
                     "mb_per_s_median": corpus_bytes / 1e6 / statistics.median(seconds),
+                    "mb_per_cpu_s_best": corpus_bytes / 1e6 / min(r["cpu_seconds"] for r in results),
                     "peak_rss_mb": max(r["max_rss_kb"] for r in results) / 1024,
                     "peak_rss_anon_mb": max(anon) / 1024 if anon else None,
                 })
@@ -209,13 +214,14 @@ def main() -> None:
         return
     print(f"prepare on {os.cpu_count()} CPU(s); {args.repeats} run(s) each, MB = 10^6 bytes, MiB for memory")
     header = (f"{'kind':<6} {'source':<28} {'corpus MB':>9} {'vocab':>6} {'dtype':>6} {'best s':>7} "
-              f"{'MB/s best':>9} {'MB/s med':>8} {'peak RSS MiB':>12} {'peak RssAnon MiB':>16}")
+              f"{'MB/s best':>9} {'MB/s med':>8} {'MB/CPU-s':>8} {'peak RSS MiB':>12} {'peak RssAnon MiB':>16}")
     print(header)
     print("-" * len(header))
     for row in rows:
         anon = f"{row['peak_rss_anon_mb']:.0f}" if row["peak_rss_anon_mb"] is not None else "n/a"
         print(f"{row['kind']:<6} {row['src'][-28:]:<28} {row['corpus_mb']:>9.0f} {row['vocab']:>6} {row['dtype']:>6} "
               f"{row['seconds_best']:>7.2f} {row['mb_per_s_best']:>9.0f} {row['mb_per_s_median']:>8.0f} "
+              f"{row['mb_per_cpu_s_best']:>8.0f} "
               f"{row['peak_rss_mb']:>12.0f} {anon:>16}")
 
 

@@ -47,6 +47,29 @@ def build_run(root: Path, preset: str) -> Path:
     return root / "run"
 
 
+def compare_threads(run_dir: Path, rounds: int = 3, steps: int = 100) -> None:
+    """ms per generated character at batch 1 with 1 and 2 torch threads, alternated in one process."""
+    import torch
+
+    from tinygpt import load
+    from tinygpt.generate import generate_ids
+
+    model, tokenizer = load(run_dir)
+    prompt = tokenizer.encode(PROMPTS[0])
+    timings: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(rounds):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            for _ in generate_ids(model, prompt, steps, seed=0, with_probs=True):
+                pass
+            timings[threads].append((time.perf_counter() - started) / steps * 1000)
+    torch.set_num_threads(1)
+    for threads, values in timings.items():
+        print(f"generate, {threads} torch thread(s): median {statistics.median(values):.2f} ms/char "
+              f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -90,7 +113,8 @@ async def one_request(http: httpx.AsyncClient, model: str, index: int, max_token
     return {"latency": time.perf_counter() - started, "first": first, "tokens": len(text)}
 
 
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[list[dict], float]:
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int,
+               on_progress=lambda done: None) -> tuple[list[dict], float]:
     results: list[dict] = []
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -102,6 +126,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
                     results.append(await one_request(http, model, index, max_tokens))
                 except httpx.HTTPError as e:
                     results.append({"error": repr(e)})
+                on_progress(len(results))
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -116,10 +141,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument("--compare-threads", action="store_true",
+                        help="first time generation in-process with 1 and 2 torch threads, alternated")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else build_run(Path(tmp), args.preset)
+        if args.compare_threads:
+            compare_threads(run_dir)
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",
@@ -140,7 +169,14 @@ def main() -> int:
                     time.sleep(0.2)
             asyncio.run(load(url, model, 4, 20, args.max_tokens))  # warm up: first calls allocate buffers
             before = rss_kib(server.pid)
-            results, seconds = asyncio.run(load(url, model, args.clients, args.requests, args.max_tokens))
+            quarters: list[float] = []
+
+            def sample_memory(done: int) -> None:
+                if done % max(1, args.requests // 4) == 0:
+                    quarters.append(rss_kib(server.pid)["VmRSS"] / 1024)
+
+            results, seconds = asyncio.run(
+                load(url, model, args.clients, args.requests, args.max_tokens, sample_memory))
             after = rss_kib(server.pid)
             health = httpx.get(f"{url}/health").json()
         finally:
@@ -164,6 +200,7 @@ def main() -> int:
     print(f"server RSS before:     {before['VmRSS'] / 1024:.1f} MiB")
     print(f"server RSS after:      {after['VmRSS'] / 1024:.1f} MiB  (peak {after['VmHWM'] / 1024:.1f} MiB, "
           f"change {(after['VmRSS'] - before['VmRSS']) / 1024:+.1f} MiB)")
+    print(f"server RSS by quarter: {', '.join(f'{q:.1f}' for q in quarters)} MiB")
     print(f"server counters:       completed {health['completed']}, cancelled {health['cancelled']}, "
           f"active {health['active']}, queued {health['queued']}")
     mean = statistics.fmean(latencies) if latencies else 0.0

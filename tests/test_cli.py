@@ -238,6 +238,10 @@ def train_missing_data(tmp_path, trained):
     return ["train", "--data", tmp_path / "no-data", "--out", tmp_path / "run", *TRAIN_ARGS]
 
 
+def copy_run(tmp_path, trained) -> Path:
+    return Path(shutil.copytree(trained.run, tmp_path / "run"))
+
+
 def resume_corrupt_checkpoint(tmp_path, trained):
     run_dir = copy_run(tmp_path, trained)
     (run_dir / "last.json").write_text('{"format": "something else"}')
@@ -254,10 +258,6 @@ def eval_missing_run(tmp_path, trained):
 
 def sample_missing_run(tmp_path, trained):
     return ["sample", tmp_path / "no-run", "--max-new-tokens", 5]
-
-
-def copy_run(tmp_path, trained) -> Path:
-    return Path(shutil.copytree(trained.run, tmp_path / "run"))
 
 
 def eval_corrupt_checkpoint(tmp_path, trained):
@@ -296,6 +296,14 @@ def info_without_target(tmp_path, trained):
     return ["info"]
 
 
+def info_vocabulary_too_large(tmp_path, trained):
+    return ["info", "--preset", "seed", "--vocab-size", 100_000_000]
+
+
+def eval_batch_size_zero(tmp_path, trained):
+    return ["eval", trained.run, "--data", trained.data, "--batch-size", 0, "--device", "cpu", "--no-progress"]
+
+
 BAD_INPUTS = [
     (missing_input, "no such file or directory"),
     (no_matching_files, "no files matching '*.txt'"),
@@ -318,6 +326,8 @@ BAD_INPUTS = [
     (prompt_outside_vocabulary, "characters not in the vocabulary: '☃', '😀'"),
     (eval_other_vocabulary, "vocabulary"),
     (info_without_target, "info needs a RUN_DIR"),
+    (info_vocabulary_too_large, "--vocab-size must be at most 65536"),
+    (eval_batch_size_zero, "batch size must be at least 1, got 0"),
 ]
 
 

@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset
-from tinygpt.model import GPT
+from tinygpt.config import ConfigError, ModelConfig, TinyGPTError, TrainConfig, get_preset
+from tinygpt.evaluate import evaluate_tokens
+from tinygpt.model import GPT, rotary_cos_sin
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -102,11 +104,7 @@ def test_fused_attention_equals_naive(qkv_bias, bias, rotary):
         for parameter in attn.parameters():  # larger than the init so attention is far from uniform
             parameter.normal_(0.0, 0.3)
         x = torch.randn(3, 16, 32)
-        rotary_angles = None
-        if rotary:
-            from tinygpt.model import rotary_cos_sin
-
-            rotary_angles = rotary_cos_sin(torch.arange(16), 8)
+        rotary_angles = rotary_cos_sin(torch.arange(16), 8) if rotary else None
         fused = attn(x, rotary_angles)
         naive = naive_attention(attn, x, rotary)
     assert fused.shape == (3, 16, 32)
@@ -215,3 +213,27 @@ def test_loss_is_cross_entropy():
     log_probs = logits.log_softmax(-1)
     manual = -log_probs.gather(-1, targets[..., None]).mean()
     torch.testing.assert_close(loss, manual)
+
+
+@pytest.mark.parametrize("length", [2, 16, 17, 50])
+def test_evaluate_predicts_every_character_once(length):
+    """Whole-split loss: consecutive block_size windows, each character after the first
+    predicted exactly once from what precedes it in its window; batching changes nothing."""
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    tokens = np.random.default_rng(length).integers(0, 23, length).astype(np.uint8)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, length - 1, 16):
+            window = torch.from_numpy(tokens[start:start + 17].astype(np.int64))[None]  # (1, <= T+1)
+            logits, _ = model(window[:, :-1])
+            total += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    for batch_size in (1, 3, 32):
+        result = evaluate_tokens(model, tokens, batch_size=batch_size)
+        assert result.characters == length - 1
+        assert result.loss == pytest.approx(total / (length - 1), rel=1e-5)
+        assert result.bits_per_char == pytest.approx(result.loss / math.log(2))
+        assert result.perplexity == pytest.approx(math.exp(result.loss))
+    for bad_batch in (0, -3):
+        with pytest.raises(TinyGPTError, match="batch size"):
+            evaluate_tokens(model, tokens, batch_size=bad_batch)

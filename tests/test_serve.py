@@ -35,7 +35,7 @@ def client(app):
 
 
 def engine_of(app) -> Engine:
-    return app.app.state.engine  # create_app wraps the FastAPI app in the body-size middleware
+    return app.state.engine
 
 
 def reference(app, prompt: str, max_new_tokens: int, **options) -> str:

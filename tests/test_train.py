@@ -86,11 +86,12 @@ def interrupt_at(monkeypatch, stop_before_iteration: int) -> None:
     """Deliver a real SIGINT to this process while iteration `stop_before_iteration` starts,
     through the handler train() installs (Ctrl-C)."""
     real = train_module.learning_rate_at
+    outside_train = signal.getsignal(signal.SIGINT)
 
     def learning_rate_with_interrupt(iteration, *args, **kwargs):
         if iteration == stop_before_iteration:
-            handler = signal.getsignal(signal.SIGINT)
-            assert handler is not signal.default_int_handler, "train() did not install its SIGINT handler"
+            # without train()'s handler this would raise KeyboardInterrupt into pytest
+            assert signal.getsignal(signal.SIGINT) is not outside_train, "train() installed no SIGINT handler"
             signal.raise_signal(signal.SIGINT)
         return real(iteration, *args, **kwargs)
 
@@ -103,13 +104,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(data_dir, tmp_path,
     run(data_dir, uninterrupted)
 
     interrupted = tmp_path / "b"
+    outside_train = signal.getsignal(signal.SIGINT)
     interrupt_at(monkeypatch, stop_before_iteration)
     result = run(data_dir, interrupted)
     monkeypatch.undo()
     assert result.interrupted
     assert result.iterations == stop_before_iteration + 1  # the current iteration completes
     assert checkpoint.read_record(interrupted, "last")["iteration"] == stop_before_iteration + 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is outside_train  # handler restored
 
     result = run(data_dir, interrupted, resume=True)
     assert result.iterations == 30 and not result.interrupted

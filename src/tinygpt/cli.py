@@ -121,10 +121,17 @@ def cmd_info(args) -> int:
             raise TinyGPTError("info --preset needs --vocab-size (the number of symbols in your data)")
         model_config, train_config_obj = get_preset(args.preset)
         apply_overrides(model_config, train_config_obj, args.set or [])
+        from tinygpt.tokenizer import MAX_VOCAB_SIZE
+
+        if args.vocab_size > MAX_VOCAB_SIZE:
+            raise TinyGPTError(f"--vocab-size must be at most {MAX_VOCAB_SIZE}, got {args.vocab_size}")
         model_config.vocab_size = args.vocab_size
+        import torch
+
         from tinygpt.model import GPT
 
-        model = GPT(model_config)
+        with torch.device("meta"):  # shapes only: counting needs no memory, whatever the size
+            model = GPT(model_config)
         train_config = dataclasses.asdict(train_config_obj)
     else:
         raise TinyGPTError("info needs a RUN_DIR or --preset NAME --vocab-size V")

@@ -100,63 +100,58 @@ class _UndecodableFile(Exception):
         self.reason = reason
 
 
-def _utf8_tables() -> tuple[np.ndarray, ...]:
-    """Lookup tables for decoding UTF-8 with array operations.
-
-    `length[lead | second << 8]` is the byte length (2, 3 or 4) of a character starting with
-    that pair of bytes, or 0 if no valid character does: this one table rejects bad lead bytes,
-    overlong forms, UTF-16 surrogates and code points above U+10FFFF (RFC 3629, table 3-7 of
-    the Unicode standard). Indexed by length, the other tables say which bits of the 4-byte
-    little-endian word at a lead byte must equal which pattern (its third and fourth bytes must
-    be continuation bytes; length 0 never matches), which payload bits the lead byte carries,
-    and how far to shift the assembled 21 payload bits right.
-    """
-    length = np.zeros((256, 256), dtype=np.uint8)  # [second byte, lead byte]
+def _sequence_lengths() -> np.ndarray:
+    """`table[lead | second << 8]`: the byte length (2, 3 or 4) of a UTF-8 character that starts
+    with that pair of bytes, or 0 if no valid character does. This one lookup rejects bad lead
+    bytes, overlong forms, UTF-16 surrogates and code points above U+10FFFF (RFC 3629)."""
+    table = np.zeros((256, 256), dtype=np.uint8)  # [second byte, lead byte]
     continuation = slice(0x80, 0xC0)
-    length[continuation, 0xC2:0xE0] = 2
-    length[continuation, 0xE0:0xF0] = 3
-    length[0x80:0xA0, 0xE0] = 0  # overlong: fits in 2 bytes
-    length[0xA0:0xC0, 0xED] = 0  # U+D800..U+DFFF, surrogates
-    length[continuation, 0xF0:0xF5] = 4
-    length[0x80:0x90, 0xF0] = 0  # overlong: fits in 3 bytes
-    length[0x90:0xC0, 0xF4] = 0  # above U+10FFFF
-    tail_mask = np.array([0, 0, 0, 0xC0 << 16, 0xC0C0 << 16], dtype=np.uint32)
-    tail_pattern = np.array([1, 1, 0, 0x80 << 16, 0x8080 << 16], dtype=np.uint32)
-    lead_payload = np.array([0, 0, 0x1F, 0x0F, 0x07], dtype=np.uint32)
-    shift = np.array([0, 0, 12, 6, 0], dtype=np.uint32)
-    return length.reshape(-1), tail_mask, tail_pattern, lead_payload, shift
+    table[continuation, 0xC2:0xE0] = 2
+    table[continuation, 0xE0:0xF0] = 3
+    table[0x80:0xA0, 0xE0] = 0  # overlong: fits in 2 bytes
+    table[0xA0:0xC0, 0xED] = 0  # U+D800..U+DFFF, surrogates
+    table[continuation, 0xF0:0xF5] = 4
+    table[0x80:0x90, 0xF0] = 0  # overlong: fits in 3 bytes
+    table[0x90:0xC0, 0xF4] = 0  # above U+10FFFF
+    return table.reshape(-1)
 
 
-_SEQUENCE_LENGTH, _TAIL_MASK, _TAIL_PATTERN, _LEAD_PAYLOAD, _PAYLOAD_SHIFT = _utf8_tables()
+_SEQUENCE_LENGTH = _sequence_lengths()
 _NO_INDICES = np.zeros(0, dtype=np.intp)
 # UTF-8 continuation bytes (0b10xxxxxx): bytes.translate drops them, leaving one byte per character
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+# Above this share of non-ASCII bytes (text in a non-Latin script, not ASCII-heavy), Python's
+# decoder is faster than decoding character by character with array operations.
+_DENSE_NON_ASCII = 0.5
 
 
-def _decode_multibyte(utf8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Decode the multi-byte characters of `utf8` (uint8) with array operations: the offsets of
-    their lead bytes, their lengths in bytes and their code points. Returns None unless `utf8`
-    is valid, complete UTF-8; Python's decoder then takes over, for its exact error offsets and
-    replacement counts. The work is proportional to the number of multi-byte characters, apart
-    from two vectorised scans of the bytes."""
+def _decode_multibyte(utf8: np.ndarray, non_ascii: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Decode the multi-byte characters of `utf8` (uint8, with `non_ascii` bytes >= 0x80) with
+    array operations: the offsets of their lead bytes, their lengths in bytes and their code
+    points. Returns None unless `utf8` is valid, complete UTF-8; Python's decoder then takes
+    over, for its exact error offsets and replacement counts. Apart from one scan of the bytes,
+    the work is proportional to the number of multi-byte characters."""
     leads = np.flatnonzero(utf8 >= 0xC0)
-    words = utf8.take(leads).astype(np.uint32)  # the 4 bytes from each lead byte on
-    for k in (1, 2, 3):  # (bytes past the end repeat the last byte; the length checks catch that)
+    words = utf8.take(leads).astype(np.uint32)  # the 4 bytes from each lead byte on, little-endian
+    for k in (1, 2, 3):  # (past the end the last byte repeats; the length checks below catch it)
         words |= utf8.take(leads + k, mode="clip").astype(np.uint32) << (8 * k)
     lengths = _SEQUENCE_LENGTH.take(words & 0xFFFF)
-    if ((words & _TAIL_MASK.take(lengths)) != _TAIL_PATTERN.take(lengths)).any():
-        return None  # a bad first or second byte, or a third or fourth that is no continuation
-    if np.count_nonzero(utf8 >= 0x80) != int(lengths.sum(dtype=np.intp)):
-        return None  # continuation bytes no lead byte claims
-    if len(leads) and leads[-1] + lengths[-1] > len(utf8):
-        return None  # the last character is cut off
+    if (
+        (lengths == 0).any()  # a bad lead byte, or a second byte that cannot follow it
+        or ((lengths >= 3) & ((words & 0xC00000) != 0x800000)).any()  # third byte no continuation
+        or ((lengths == 4) & ((words >> 30) != 0b10)).any()  # fourth byte no continuation
+        or non_ascii != int(lengths.sum(dtype=np.intp))  # continuation bytes no lead byte claims
+        or (len(leads) and leads[-1] + lengths[-1] > len(utf8))  # the last character cut off
+    ):
+        return None
     payload = words & 0x3F3F3F00  # the 6 low bits of each continuation byte
+    lengths32 = lengths.astype(np.uint32)
     code_points = (
-        (words & _LEAD_PAYLOAD.take(lengths)) << 18
+        (words & (0x7F >> lengths32)) << 18  # the lead byte's bits
         | (payload & 0x3F00) << 4
         | (payload >> 10) & 0xFC0
         | payload >> 24
-    ) >> _PAYLOAD_SHIFT.take(lengths)
+    ) >> (24 - 6 * lengths32)  # as if 4 bytes long; drop the bits of bytes it does not have
     return leads, lengths, code_points
 
 
@@ -228,7 +223,11 @@ def _decoded_chunks(path: Path, errors: str, on_bytes=None):
                     chunk = _Utf8Chunk(data, size)
                 else:
                     length = size if final else _complete_length(data, size)
-                    decoded = _decode_multibyte(np.frombuffer(data, dtype=np.uint8, count=length))
+                    utf8 = np.frombuffer(data, dtype=np.uint8, count=length)
+                    non_ascii = np.count_nonzero(utf8 >= 0x80)
+                    decoded = None
+                    if non_ascii <= _DENSE_NON_ASCII * length:
+                        decoded = _decode_multibyte(utf8, non_ascii)
                     if decoded is not None:
                         chunk = _Utf8Chunk(data, length, *decoded)
                         carried = size - length

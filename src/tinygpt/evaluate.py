@@ -39,6 +39,8 @@ def evaluate_tokens(
     predicted = len(tokens) - 1
     if predicted < 1:
         raise TinyGPTError("the split has fewer than 2 characters: nothing to evaluate")
+    if batch_size < 1:
+        raise TinyGPTError(f"the evaluation batch size must be at least 1, got {batch_size}")
     model.eval()
     full_windows = predicted // block
     total = 0.0

@@ -24,10 +24,15 @@ window once the text outgrows block_size:
   start of the crop would be computed from truncated contexts.)
 
 Floating point is the one thing the rule cannot share: the two paths add the same
-numbers in a different order, so their logits differ in the last bits. Sampling turns
-that into a different character only when a draw falls within ~1e-6 of a boundary
-between two characters, which the tests (5x past block_size, both position options)
-do not see.
+numbers in a different order (a matrix-vector product instead of a row of a matrix
+product), so in float32 their probabilities differ by about 1e-8. A character can only
+differ when the random draw lands that close to the edge between two characters, which
+the tests (5x past block_size, both position options, sampled and greedy) never see.
+
+A decode step reads every weight once for one character, so on a CPU it is bound by
+memory bandwidth, not arithmetic; the loop therefore allocates nothing per step (the
+token buffer, the cache and the rotary tables exist before it starts) and runs under
+inference_mode.
 """
 
 from __future__ import annotations

@@ -8,14 +8,14 @@
     GET  /                 the playground page (src/tinygpt/static/)
 
 How a request flows. The event loop only parses, admits and streams. Every model call
-runs on one dedicated model thread (`Engine.executor`, a single worker), one generation
-step at a time, so concurrent requests interleave step by step over one model instance
-and an attention request never runs while a generation step is half done (the attention
-recorder in model.py is switched on for the whole model). Admission is a FIFO of
+runs on one dedicated model thread (`Engine.executor`, a single worker) in time slices of
+`Limits.time_slice` seconds, so concurrent requests take turns over one model instance,
+and an attention request never runs in the middle of a generation step (model.py's
+attention recorder is switched on for the whole model). Admission is a FIFO of
 `max_active` slots; up to `max_queue` more requests wait for one, beyond that the server
-answers 429, and a request that waits longer than `queue_timeout` gets 503. A streaming
-client that disconnects cancels its request: the loop stops asking for steps, so its
-generation ends within one step.
+answers 429, and a request that waits longer than `queue_timeout` gets 503. A client
+that disconnects cancels its request: the loop stops asking the model thread for more,
+so its generation ends within one time slice.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class Limits:
     max_queue: int = 64  # requests waiting for a slot; more get 429
     queue_timeout: float = 60.0  # seconds a request may wait for a slot before a 503
     time_slice: float = 0.02  # seconds of generation a request gets before the next one's turn
-
 
 
 class APIError(Exception):
@@ -429,7 +428,8 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return BodyLimit(app, limits.max_body_bytes)  # type: ignore[return-value]
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    return app
 
 
 def _check_sampling(engine: Engine, max_tokens: int, n: int) -> None:
