@@ -12,12 +12,12 @@ the vocabulary outgrows uint8 and ids are uint16; `cjk` (not run by default) is 
 opposite of ASCII-heavy. Generating the corpus is not timed.
 
 Each prepare runs in a fresh child process. MB/s is corpus bytes over the wall time of
-`prepare()` (both passes, fsync included, imports excluded); the corpus was just written, so it
-is read from the page cache. MB/CPU-s is corpus bytes over the child's CPU time (user + system)
-in `prepare()`: on a shared, busy machine it shows what one free core would do. Peak RSS is
-the child's ru_maxrss; peak RssAnon (heap and other anonymous memory, not file pages) is
-sampled from /proc/<pid>/status every few milliseconds.
-With several `--src` trees the runs alternate A B A B, so the ratio is fair on a noisy machine.
+`prepare()` (both passes, fsync included, imports excluded); the corpus is read through once
+before each run, so the run finds it in the page cache (`--cold` skips that). MB/CPU-s is
+corpus bytes over the child's CPU time (user + system) in `prepare()`: on a shared, busy
+machine it shows what one free core would do. Peak RSS is the child's ru_maxrss; peak RssAnon
+(heap and other anonymous memory, not file pages) is sampled from /proc/<pid>/status every few
+milliseconds. With several `--src` trees the runs alternate A B A B, so the ratio is fair on a noisy machine.
 """
 
 from __future__ import annotations
@@ -134,6 +134,15 @@ def _rss_anon_kb(pid: int) -> int | None:
     return None
 
 
+def read_through(corpus: Path) -> None:
+    """Read every file once, so the timed run finds the corpus in the page cache (this machine
+    pages out memory it sees unused, page cache included)."""
+    for path in sorted(corpus.iterdir()):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
+
+
 def run_prepare(src: Path, corpus: Path, out: Path) -> dict:
     """Prepare `corpus` into `out` with the tinygpt found under `src`, in a child process."""
     child = subprocess.Popen(
@@ -165,6 +174,8 @@ def main() -> None:
                         help="source tree holding the tinygpt package (repeat to compare; default src/)")
     parser.add_argument("--workdir", type=Path, help="where to write the corpus (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated corpus and outputs")
+    parser.add_argument("--cold", action="store_true",
+                        help="do not read the corpus through before each run (it may then come from disk)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
     args = parser.parse_args()
     sources = [s.resolve() for s in (args.src or [ROOT / "src"])]
@@ -184,6 +195,8 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for src in sources:  # alternate A B A B
                     out = workdir / "out"
+                    if not args.cold:
+                        read_through(corpus)
                     result = run_prepare(src, corpus, out)
                     shutil.rmtree(out)
                     runs[src].append(result)

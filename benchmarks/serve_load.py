@@ -1,6 +1,6 @@
 """Load test for `tinygpt serve`: concurrent clients on loopback against a real server process.
 
-    python benchmarks/serve_load.py [RUN_DIR] [--clients 32] [--requests 1000] [--max-tokens 64]
+    python benchmarks/serve_load.py [RUN_DIR] [--clients 32] [--requests 1000] [--max-tokens 64] [--model-speed]
 
 Starts `python -m tinygpt serve RUN_DIR` on a free loopback port, sends the requests from
 `--clients` concurrent connections (alternately a plain and a streamed /v1/completions),
@@ -47,8 +47,9 @@ def build_run(root: Path, preset: str) -> Path:
     return root / "run"
 
 
-def compare_threads(run_dir: Path, rounds: int = 3, steps: int = 100) -> None:
-    """ms per generated character at batch 1 with 1 and 2 torch threads, alternated in one process."""
+def model_speed(run_dir: Path, rounds: int = 3, steps: int = 100) -> None:
+    """In-process ms per generated step: 1 vs 2 torch threads at batch 1, then batch 1 vs 8
+    at 1 thread; the variants alternate round by round, so machine load hits them alike."""
     import torch
 
     from tinygpt import load
@@ -56,17 +57,20 @@ def compare_threads(run_dir: Path, rounds: int = 3, steps: int = 100) -> None:
 
     model, tokenizer = load(run_dir)
     prompt = tokenizer.encode(PROMPTS[0])
-    timings: dict[int, list[float]] = {1: [], 2: []}
+    variants = {"1 thread, batch 1": (1, 1), "2 threads, batch 1": (2, 1), "1 thread, batch 8": (1, 8)}
+    timings: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
-        for threads in (1, 2):
+        for name, (threads, batch) in variants.items():
             torch.set_num_threads(threads)
             started = time.perf_counter()
-            for _ in generate_ids(model, prompt, steps, seed=0, with_probs=True):
+            for _ in generate_ids(model, prompt, steps, seed=0, num_samples=batch, with_probs=True):
                 pass
-            timings[threads].append((time.perf_counter() - started) / steps * 1000)
+            timings[name].append((time.perf_counter() - started) / steps * 1000)
     torch.set_num_threads(1)
-    for threads, values in timings.items():
-        print(f"generate, {threads} torch thread(s): median {statistics.median(values):.2f} ms/char "
+    for name, values in timings.items():
+        batch = variants[name][1]
+        median = statistics.median(values)
+        print(f"generate, {name}: median {median:.2f} ms/step = {batch * 1000 / median:,.0f} characters/s "
               f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
 
 
@@ -141,14 +145,16 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
-    parser.add_argument("--compare-threads", action="store_true",
-                        help="first time generation in-process with 1 and 2 torch threads, alternated")
+    parser.add_argument("--model-speed", action="store_true",
+                        help="first time generation in-process: 1 vs 2 torch threads, batch 1 vs 8")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else build_run(Path(tmp), args.preset)
-        if args.compare_threads:
-            compare_threads(run_dir)
+        if args.model_speed:
+            model_speed(run_dir)
+        if args.requests <= 0:
+            return 0
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",

@@ -170,13 +170,13 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> b
     raise AssertionError("the training process neither progressed nor ended")
 
 
-def _saving(run_dir: Path) -> bool:
-    """A save is under way or just done: a tensor file of a checkpoint `last.json` does not name yet."""
-    try:
-        named = {entry["file"] for entry in json.loads((run_dir / "last.json").read_text())["files"].values()}
-    except (OSError, ValueError, KeyError):
-        named = set()
-    return any(p.name.lstrip(".").removesuffix(".tmp") not in named for p in run_dir.glob("*last-*"))
+def _checkpoint_files(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.glob("*last-*")}  # tensor files of `last`, and their .tmp files
+
+
+def _a_save_began(run_dir: Path, files_before: set[str]) -> bool:
+    """A tensor file of `last` appeared (being written, renamed, or just committed)."""
+    return bool(_checkpoint_files(run_dir) - files_before)
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_for_bit(data_dir, tmp_path):
@@ -205,12 +205,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_for_bit(data_dir, tmp_path
         # mid-step: a random moment after a checkpoint exists
         ("mid-step", after_a_random_pause_once_saved),
         # mid-save: as soon as a new checkpoint file shows up
-        ("mid-save", lambda: _saving(run_dir)),
+        ("mid-save", lambda: _a_save_began(run_dir, files_before)),
     ]
     observed = []
     for attempt, (moment, condition) in enumerate(kills):
         log = tmp_path / f"run{attempt}.log"
         log.touch()
+        files_before = _checkpoint_files(run_dir)
         process = start(run_dir, log, resume=attempt > 0)
         if _wait_for(condition, process):
             process.send_signal(signal.SIGKILL)

@@ -3,10 +3,18 @@
 `prepare` streams the corpus twice in fixed-size chunks, so memory stays flat whatever
 its size:
 
-1. pass 1 decodes every file and counts each code point (`np.bincount`), which gives the
-   vocabulary (sorted by code point) and each file's length in characters;
-2. pass 2 decodes again and maps code points to ids with one table lookup per chunk,
-   appending to `train.bin` / `val.bin` (uint8 when the vocabulary fits, else uint16).
+1. pass 1 decodes every file and counts each code point, which gives the vocabulary (sorted
+   by code point) and each file's length in characters;
+2. pass 2 decodes again and maps code points to ids with table lookups, appending to
+   `train.bin` / `val.bin` (uint8 when the vocabulary fits, else uint16).
+
+Decoding is where the time goes, so it takes the cheapest path each chunk allows. ASCII is
+not decoded at all: its bytes are counted as they are (`torch.bincount`) and mapped to ids by
+`bytes.translate`. In ASCII-heavy text only the multi-byte characters are decoded, with array
+operations on their lead bytes (`_decode_multibyte`), which also checks that the chunk is
+valid UTF-8. Chunks that are not valid, or mostly non-ASCII, go to Python's incremental
+decoder, whose error offsets and U+FFFD counts are the reference the fast paths are tested
+against (tests/test_prepare_speed_paths.py).
 
 The split is deterministic: the last `val_fraction` of each file's characters goes to
 validation, the rest to training, so every file (every work, every author) is seen in both.
@@ -202,7 +210,10 @@ def _read_into(f, view: memoryview) -> int:
 def _decoded_chunks(path: Path, errors: str, on_bytes=None):
     """Yield the file's text chunk by chunk, as a `_Utf8Chunk` (the fast path: valid UTF-8,
     checked and decoded with array operations, ASCII not decoded at all) or, for a chunk with
-    invalid bytes, as a uint32 array of code points from Python's incremental decoder."""
+    invalid bytes or mostly non-ASCII ones, as a uint32 array of code points from Python's
+    incremental decoder. A read that cuts a character in two carries its first bytes over to
+    the next chunk; Python's decoder is only ever started where every byte before has been
+    decoded, so what it reports is what it would report decoding the whole file at once."""
     handler = "tinygpt-count-replace" if errors == "replace" else "strict"
     decoder = codecs.getincrementaldecoder("utf-8")(handler)
     buffer = bytearray(max(CHUNK_BYTES, 4))  # reused for every read; holds any whole character

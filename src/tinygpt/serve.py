@@ -146,7 +146,7 @@ class Engine:
         self.model, self.tokenizer, self.model_id, self.limits = model, tokenizer, model_id, limits
         # Torch's CPU thread count is per calling thread. One is the default: a small model at
         # batch 1 gains little from more, and on a busy machine the extra threads wait for each
-        # other at every operation (benchmarks/serve_load.py measured 10-30x slower steps).
+        # other at every operation (benchmarks/serve_load.py --model-speed: 15-44x slower steps).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygpt-model",
                                            initializer=torch.set_num_threads if threads else None,
                                            initargs=(threads,) if threads else ())
