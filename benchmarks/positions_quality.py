@@ -1,7 +1,7 @@
 """Learned vs rotary positions: the same small model trained the same way, scored on the
 whole validation split.
 
-    .venv/bin/python benchmarks/positions_quality.py                   # ~4 minutes on 2 busy cores
+    .venv/bin/python benchmarks/positions_quality.py                   # 600 iterations each: ~9 min at load 8
     .venv/bin/python benchmarks/positions_quality.py --iters 1500 --seeds 1 2 3
 
 Both models are identical (4 layers, 4 heads, n_embd 128, block 64, pre-LN, GELU: the `cpu`
@@ -35,7 +35,7 @@ CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--iters", type=int, default=1000)
+    parser.add_argument("--iters", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")

@@ -1,5 +1,7 @@
 """Sampling and the KV cache: the cache changes nothing but speed, far past block_size."""
 
+import sys
+
 import pytest
 import torch
 
@@ -141,6 +143,15 @@ def test_rotary_rows_never_change_when_the_tables_grow():
     fresh.extend_rotary(40 * BLOCK)  # grown in one go: the same numbers
     assert torch.equal(fresh.rotary_cos, model.rotary_cos)
     assert torch.equal(fresh.rotary_sin, model.rotary_sin)
+
+
+def test_the_token_buffer_grows_past_its_first_size(monkeypatch):
+    model = small_model("rope")
+    expected = generate(model, [1, 2, 3], 3 * BLOCK, seed=5, **FILTERED)
+    # (the module itself: the package's `generate` attribute is the generate_text function)
+    monkeypatch.setattr(sys.modules[generate_ids.__module__], "BUFFER_STEPS", 5)  # doubles 4 times in 48 steps
+    for use_cache in (True, False):
+        assert torch.equal(generate(model, [1, 2, 3], 3 * BLOCK, seed=5, use_cache=use_cache, **FILTERED), expected)
 
 
 def test_no_cache_state_survives_between_calls():

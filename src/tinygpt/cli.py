@@ -88,6 +88,10 @@ def cmd_sample(args) -> int:
 
     if args.num_samples < 1 or args.max_new_tokens < 0:
         raise TinyGPTError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
+        args.top_p is not None and not 0 < args.top_p <= 1
+    ):
+        raise TinyGPTError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
     model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
     steps = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,

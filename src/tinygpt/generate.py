@@ -30,9 +30,9 @@ differ when the random draw lands that close to the edge between two characters,
 the tests (5x past block_size, both position options, sampled and greedy) never see.
 
 A decode step reads every weight once for one character, so on a CPU it is bound by
-memory bandwidth, not arithmetic; the loop therefore allocates nothing per step (the
-token buffer, the cache and the rotary tables exist before it starts) and runs under
-inference_mode.
+memory bandwidth, not arithmetic; the loop therefore allocates next to nothing per step
+(the token buffer and the cache are preallocated, the rotary angles precomputed) and
+runs under inference_mode.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from collections.abc import Iterator
 import torch
 
 from tinygpt.model import GPT, KVCache
+
+BUFFER_STEPS = 4096  # new characters the token buffer has room for before it first doubles
 
 
 def sample_next(
@@ -89,11 +91,10 @@ def generate_ids(
     rotary = config.positions == "rope"
     reach = config.n_layer * (block - 1) + 1  # characters a rotary prediction depends on
     n = len(prompt)
-    # every character of every sample, preallocated: a step writes one column in place
-    tokens = torch.empty((num_samples, n + max_new_tokens), dtype=torch.long, device=device)
+    # every character of every sample: a step writes one column in place; the buffer
+    # doubles when full (rarely: max_new_tokens may be far more than a caller reads)
+    tokens = torch.empty((num_samples, n + min(max_new_tokens, BUFFER_STEPS)), dtype=torch.long, device=device)
     tokens[:, :n] = torch.tensor(prompt, dtype=torch.long, device=device)
-    if rotary:
-        model.extend_rotary(n + max_new_tokens)  # no table growth inside the loop
     cache = KVCache(config, num_samples, device, parameter.dtype) if use_cache else None
     start = max(0, n - (reach if rotary else block))  # the context is tokens[:, start:length]
     prefilled = False
@@ -114,6 +115,8 @@ def generate_ids(
             logits, _ = model(tokens[:, length - 1:length], start=length - 1 - offset, cache=cache)
         next_logits = logits[:, -1, :]  # (B, V)
         next_ids = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
+        if length == tokens.size(1):
+            tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
         tokens[:, length] = next_ids
         if with_probs:
             yield next_ids, next_logits.float().softmax(dim=-1)
