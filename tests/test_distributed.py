@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,9 +31,10 @@ from tinygpt.train import BatchSampler, Distributed, train
 
 MAX_ITERS, EVAL_INTERVAL = 24, 8
 SETTINGS = {"dtype": "float32", "dropout": 0.0, "eval_iters": 2, "eval_interval": EVAL_INTERVAL}
-# Measured: 2 processes vs 1 after 24 AdamW steps of the tiny preset, largest weight
-# difference 2e-7 .. 6e-7 (weights are O(0.1)); eval losses agree to 1e-6.
-WEIGHT_TOLERANCE = 1e-5
+# Measured after 24 AdamW steps of the tiny preset (largest weight about 1.0): 2 processes vs 1
+# differ by at most 5e-6 .. 7e-6, as much as 1 vs 2 OpenMP threads in one process do (7e-6 ..
+# 9e-6): summation order, amplified by training. Eval losses agree to about 1e-6.
+WEIGHT_TOLERANCE = 5e-5
 LOSS_TOLERANCE = 1e-4
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 
@@ -154,7 +156,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("failure", ["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize("failure", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.slow)])
 def test_a_lost_process_ends_the_job_with_one_line(data_dir, tmp_path, failure):
     """Rank 1 dies (SIGKILL) or hangs (SIGSTOP): rank 0 must not wait forever. Launched by
     hand, without torchrun's agent (which would kill rank 0 itself), so rank 0 must notice."""
@@ -184,3 +186,18 @@ def test_a_lost_process_ends_the_job_with_one_line(data_dir, tmp_path, failure):
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert "process 0 of 2: another process of the job crashed or stopped answering" in lines[0]
     print(f"rank 1 {failure}: rank 0 ended after {seconds:.1f} s")
+
+
+def test_processes_that_see_different_checkpoints_refuse_to_start(data_dir, one_process_run, tmp_path):
+    """As on two nodes without a shared filesystem: rank 0 finds the checkpoint, rank 1 does not."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    run_dirs = [tmp_path / "shared", tmp_path / "elsewhere"]
+    shutil.copytree(one_process_run, run_dirs[0])
+    ranks = [subprocess.Popen([sys.executable, *_train_args(data_dir, run_dirs[r], "--resume")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for process in ranks:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 1, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "found different checkpoints" in lines[0], stderr

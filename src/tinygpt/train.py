@@ -1,8 +1,11 @@
 """The training loop, and the small pieces it calls: optimizer, schedule, evaluation
 estimates, metrics/plot, checkpoint state. It runs alone or under `torchrun` (DDP).
 
-Everything a run depends on is in its checkpoint (weights, optimizer, iteration, RNG
-states of dropout and of the batch sampler), so `--resume` continues bit for bit.
+Everything a run depends on is in its checkpoint (weights, optimizer, iteration, the
+batch sampler's RNG state, the torch/CUDA/numpy/python RNG states), and dropout masks are
+seeded from (seed, rank, iteration), so `--resume` continues bit for bit, even after a
+SIGKILL, on the same hardware and thread count. Under torchrun every rank draws the same
+global batch and keeps its slice, so 1 and N processes see the same data.
 """
 
 from __future__ import annotations
