@@ -155,6 +155,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from tinygpt.bench import format_table, run_bench
+
+    progress = None if args.json else (lambda message: print(f"measuring {message} ...", file=sys.stderr))
+    result = run_bench(preset=args.preset, run_dir=args.run_dir, device=args.device, batch_size=args.batch_size,
+                       repeats=args.repeats, compile=args.compile, generation_tokens=args.new_tokens,
+                       prepare_megabytes=args.prepare_mb, threads=args.threads, dtype=args.dtype,
+                       progress=progress)
+    print(json.dumps(result.as_dict()) if args.json else format_table(result))
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name, preset in PRESETS.items():
         m, t = preset.model, preset.train
@@ -287,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the first reply (default: random)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="measure training, generation and preparation speed on this device")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="measure a run's model (default: --preset cpu)")
+    p.add_argument("--preset", choices=list(PRESETS))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, help="training batch (default: the preset's or run's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed training steps, after 2 warm-up steps (default 5)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training figure")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="training precision (default: picked for this device)")
+    p.add_argument("--new-tokens", type=int, default=1000, help="characters generated (default 1000)")
+    p.add_argument("--prepare-mb", type=float, default=16.0, help="size of the generated corpus (default 16 MB)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)

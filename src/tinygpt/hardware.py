@@ -8,6 +8,7 @@ flags and, where native bf16 exists, time one matmul in each precision before ch
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,6 +55,22 @@ def cpu_model_name() -> str:
     import platform
 
     return platform.processor() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    """The CPU's name, family/model numbers and the flags that decide the precision."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = cpu_flags()
+    relevant = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    numbers = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
+    return f"{cpu_model_name()}{numbers}; {' '.join(relevant) or 'no AVX2/AVX-512'}; {os.cpu_count()} CPUs"
 
 
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 5,

@@ -1,0 +1,192 @@
+"""Training speed: tinyGPT against the naive notebook model, at the seed configuration.
+
+    python benchmarks/train_speed.py --batch-size 32 --rounds 5
+
+Both models have the seed preset's sizes (n_embd 384, 12 layers, 8 heads, block 64, dropout
+0.2, vocabulary 84) and train on the same random batches with the same batch size. Every
+measurement runs in a fresh process, and the variants alternate (A B A B ...) over several
+rounds, because one eager step on a shared machine moves by +-20 % with process state
+alone. Each process warms up, times a few steps and reports the median step; we report,
+per variant, the median over rounds and the spread (min..max), the achieved model FLOP/s
+(FLOPs/token = 6N + 12*L*C*T, N = matmul weights) and its fraction of the fp32 and bf16
+matmul ceilings, which are measured in their own processes in every round too.
+
+Variants: `naive` (benchmarks/naive_reference.py: fp32, eager, plain AdamW), `ours` (the
+precision `train` picks for this device, eager), `ours-fp32`, and `ours-compile`
+(torch.compile; the first process compiles, later ones reuse Inductor's on-disk cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SEED_SIZES = dict(vocab_size=84, n_embd=384, n_layer=12, n_head=8, block_size=64, dropout=0.2)
+VARIANTS = ("naive", "ours", "ours-fp32", "ours-compile", "ours-fp32-compile")
+
+
+def build(variant: str, batch_size: int):
+    """The model's step function, and what it was built with."""
+    import torch
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    T = SEED_SIZES["block_size"]
+    x = torch.randint(0, SEED_SIZES["vocab_size"], (batch_size, T), generator=generator)
+    y = torch.randint(0, SEED_SIZES["vocab_size"], (batch_size, T), generator=generator)
+    if variant == "naive":
+        sys.path.insert(0, str(HERE))
+        from naive_reference import NaiveGPT, make_optimizer, train_step
+
+        model = NaiveGPT(**SEED_SIZES).train()
+        optimizer = make_optimizer(model)
+        return (lambda: train_step(model, optimizer, x, y)), "float32 (naive reference)"
+
+    from tinygpt.bench import training_step
+    from tinygpt.config import get_preset
+    from tinygpt.hardware import choose_precision
+    from tinygpt.model import GPT
+    from tinygpt.train import build_optimizers
+
+    model_config, train_config = get_preset("seed")
+    model_config.vocab_size = SEED_SIZES["vocab_size"]
+    device = torch.device("cpu")
+    precision = choose_precision(device, "float32" if "fp32" in variant else "auto")
+    model = GPT(model_config).train()
+    optimizers = build_optimizers(model, train_config, device)
+    step_model = torch.compile(model) if "compile" in variant else model
+    step = training_step(model, optimizers, train_config, precision, device, batch_size, step_model)
+    return step, precision.reason
+
+
+def worker(args) -> None:
+    """One measurement, in this process: warm up, time `steps` steps, print JSON."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variant == "ceiling":
+        from tinygpt.bench import matmul_ceilings
+
+        ceilings = matmul_ceilings(torch.device("cpu"), size=args.matmul_size, repeats=5)
+        print(json.dumps({"variant": "ceiling", **ceilings}))
+        return
+    started = time.perf_counter()
+    step, precision = build(args.variant, args.batch_size)
+    for _ in range(args.warmup):
+        step()
+    warm = time.perf_counter() - started
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    tokens = args.batch_size * SEED_SIZES["block_size"]
+    print(json.dumps({"variant": args.variant, "tokens_per_second": tokens / statistics.median(times),
+                      "step_seconds": times, "warmup_seconds": warm, "precision": precision,
+                      "threads": torch.get_num_threads()}))
+
+
+def run_one(variant: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", variant, "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul-size", str(args.matmul_size)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def flops_per_token() -> tuple[int, int]:
+    from tinygpt.config import get_preset
+    from tinygpt.model import GPT
+
+    model_config, _ = get_preset("seed")
+    model_config.vocab_size = SEED_SIZES["vocab_size"]
+    model = GPT(model_config)
+    return model.flops_per_token(), model.matmul_parameters()
+
+
+def cpu_line() -> str:
+    from tinygpt.hardware import cpu_description
+
+    return cpu_description()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (default 2)")
+    parser.add_argument("--variants", default="naive,ours", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--threads", type=int, help="torch threads in every process (default: PyTorch's)")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--json", metavar="PATH", help="also write every measurement here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.variant = args.worker
+        worker(args)
+        return
+
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
+    per_token, matmul_weights = flops_per_token()
+    print(f"CPU: {cpu_line()}")
+    print(f"seed sizes {SEED_SIZES}, batch {args.batch_size}; {args.rounds} rounds of "
+          f"{' '.join(variants)} ceiling, each in its own process ({args.warmup} warm-up + {args.steps} timed steps)")
+    print(f"FLOPs/token = 6N + 12*L*C*T = 6 x {matmul_weights:,} + 12 x 12 x 384 x 64 = {per_token:,}")
+    results: dict[str, list[dict]] = {v: [] for v in [*variants, "ceiling"]}
+    for round_index in range(args.rounds):
+        for variant in [*variants, "ceiling"]:
+            result = run_one(variant, args)
+            results[variant].append(result)
+            if variant == "ceiling":
+                detail = f"fp32 {result['float32'] / 1e9:.0f}, bf16 {result['bfloat16'] / 1e9:.0f} GFLOP/s"
+            else:
+                detail = f"{result['tokens_per_second']:,.0f} tokens/s ({result['precision']})"
+            print(f"  round {round_index + 1} {variant:18s} {detail}", flush=True)
+
+    ceiling = {name: statistics.median(r[name] for r in results["ceiling"]) for name in ("float32", "bfloat16")}
+    print(f"\nmatmul ceilings ({args.matmul_size}^3, median of rounds): fp32 {ceiling['float32'] / 1e9:.0f}, "
+          f"bf16 {ceiling['bfloat16'] / 1e9:.0f} GFLOP/s; threads {results[variants[0]][0]['threads']}")
+    header = (f"| variant | tokens/s (median) | min..max | vs naive | GFLOP/s | % of fp32 ceiling "
+              f"| % of bf16 ceiling |")
+    print(header)
+    print("|" + "---|" * 7)
+    naive = statistics.median(r["tokens_per_second"] for r in results["naive"]) if "naive" in results else None
+    for variant in variants:
+        rates = [r["tokens_per_second"] for r in results[variant]]
+        median = statistics.median(rates)
+        achieved = median * per_token
+        versus = f"{median / naive:.2f}x" if naive else "-"
+        print(f"| {variant} | {median:,.0f} | {min(rates):,.0f}..{max(rates):,.0f} | {versus} | "
+              f"{achieved / 1e9:.1f} | {achieved / ceiling['float32']:.0%} | {achieved / ceiling['bfloat16']:.0%} |")
+    if naive:
+        for variant in variants:
+            if variant == "naive":
+                continue
+            ratios = [o["tokens_per_second"] / n["tokens_per_second"]
+                      for o, n in zip(results[variant], results["naive"], strict=True)]
+            print(f"{variant} / naive, round by round: " + ", ".join(f"{r:.2f}" for r in ratios)
+                  + f" (median {statistics.median(ratios):.2f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_line(), "flops_per_token": per_token,
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""`tinygpt bench`: how fast this device trains, generates and prepares, measured here and now.
+
+Every figure is the median of several repetitions after a warm-up:
+
+* training tokens/s: forward + backward + optimizer step, as `train` does it, at a preset's
+  (or a run's) batch and block size, on random tokens;
+* achieved model FLOP/s = tokens/s x FLOPs per token, with FLOPs per token = 6N + 12 L C T
+  (N the matmul weights, L layers, C n_embd, T block_size), and that as a fraction of the
+  device's matmul ceiling, measured by one large fp32 and one large bf16 matrix multiply;
+* generation tokens/s at batch 1 for 1,000 new characters, with and without the KV cache;
+* preparation MB/s on a generated, mostly ASCII corpus.
+
+The machine may be shared: compare figures measured in the same run, not across runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset, train_config_from_dict
+from tinygpt.hardware import Precision, choose_precision, configure_backends, cpu_model_name, matmul_flops_per_second
+from tinygpt.model import GPT
+
+FLOP_FORMULA = "FLOPs/token = 6N + 12*L*C*T (N matmul weights, L layers, C n_embd, T block_size)"
+BENCH_VOCAB_SIZE = 84  # presets have no vocabulary of their own; this is Shakespeare's plus a few
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_rate(work: float, run: Callable[[], None], repeats: int, warmup: int,
+                device: torch.device) -> tuple[float, list[float]]:
+    """Median of `repeats` timings of run() as work per second, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        rates.append(work / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def matmul_ceilings(device: torch.device, size: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of one large fp32 and one large bf16 matmul: what this device can do at best."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    return {name: matmul_flops_per_second(dtype, size=size, repeats=repeats, device=device)
+            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+
+
+def training_step(model: GPT, optimizers: list[torch.optim.Optimizer], config: TrainConfig,
+                  precision: Precision, device: torch.device, batch_size: int,
+                  step_model: torch.nn.Module | None = None) -> Callable[[], None]:
+    """One optimizer step on a fixed random batch, as the training loop makes it."""
+    block, vocab = model.config.block_size, model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch_size, block), generator=generator).to(device)
+    y = torch.randint(0, vocab, (batch_size, block), generator=generator).to(device)
+    step_model = step_model or model
+
+    def step() -> None:
+        with precision.autocast(device):
+            _, loss = step_model(x, y)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+@dataclass
+class TrainingFigures:
+    batch_size: int
+    block_size: int
+    tokens_per_second: float
+    tokens_per_second_runs: list[float]
+    flops_per_token: int
+    matmul_parameters: int
+    achieved_flops: float
+    fraction_of_float32_ceiling: float
+    fraction_of_bfloat16_ceiling: float
+    fraction_of_used_precision_ceiling: float
+    compiled: bool
+
+
+def measure_training(model_config: ModelConfig, train_config: TrainConfig, device: torch.device,
+                     precision: Precision, ceilings: dict[str, float], batch_size: int | None = None,
+                     repeats: int = 5, warmup: int = 2, compile: bool = False) -> TrainingFigures:
+    from tinygpt.train import build_optimizers
+
+    batch_size = batch_size or train_config.batch_size
+    torch.manual_seed(0)
+    model = GPT(model_config).to(device).train()
+    optimizers = build_optimizers(model, train_config, device)
+    step_model = torch.compile(model) if compile else model
+    step = training_step(model, optimizers, train_config, precision, device, batch_size, step_model)
+    tokens = batch_size * model_config.block_size
+    rate, runs = median_rate(tokens, step, repeats, warmup, device)
+    flops_per_token = model.flops_per_token()
+    achieved = rate * flops_per_token
+    used = ceilings[precision.name]
+    return TrainingFigures(
+        batch_size, model_config.block_size, rate, runs, flops_per_token, model.matmul_parameters(), achieved,
+        achieved / ceilings["float32"], achieved / ceilings["bfloat16"], achieved / used, compile,
+    )
+
+
+def measure_generation(model: GPT, new_tokens: int = 1000, use_cache: bool = True,
+                       repeats: int = 3) -> tuple[float, list[float]]:
+    """Tokens/s generating `new_tokens` characters at batch 1 from a one-character prompt."""
+    from tinygpt.generate import generate_ids
+
+    device = next(model.parameters()).device
+    model.eval()
+
+    def run(count: int = new_tokens) -> None:
+        for _ in generate_ids(model, [0], count, temperature=1.0, seed=0, use_cache=use_cache):
+            pass
+
+    run(min(new_tokens, 50))  # warm-up: the first calls allocate and pick kernels
+    return median_rate(new_tokens, run, repeats, 0, device)
+
+
+def write_corpus(directory: Path, megabytes: float, seed: int = 0) -> Path:
+    """A mostly-ASCII text of about `megabytes` MB: random words, lines and some accented
+    letters and emoji (multi-byte UTF-8), like a web or book corpus."""
+    rng = np.random.default_rng(seed)
+    words = ("the and to of a I you my in that is not with me it for be his your this but he have as thou "
+             "so him will what thy all her no by do shall if are we thee our on lord now king sir come good "
+             "café naïve façade — “quoted” déjà-vu 🙂 Ωmega").split()
+    path = directory / "corpus.txt"
+    target = int(megabytes * 1e6)
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            picks = rng.integers(0, len(words), 20000)
+            lengths = rng.integers(6, 14, 2000)
+            lines, position = [], 0
+            for length in lengths:
+                lines.append(" ".join(words[i] for i in picks[position:position + length]))
+                position += length
+            chunk = ".\n".join(lines) + ".\n"
+            f.write(chunk)
+            written += len(chunk.encode("utf-8"))
+    return path
+
+
+def measure_preparation(megabytes: float = 16.0, repeats: int = 3) -> tuple[float, list[float]]:
+    """MB/s of `tinygpt.data.prepare` on a generated corpus (the text is made once, untimed)."""
+    from tinygpt.data import prepare
+
+    with tempfile.TemporaryDirectory(prefix="tinygpt-bench-") as tmp:
+        corpus = write_corpus(Path(tmp), megabytes)
+        size_mb = corpus.stat().st_size / 1e6
+        out = Path(tmp) / "prepared"
+        return median_rate(size_mb, lambda: prepare([str(corpus)], out, progress=False), repeats, 1,
+                           torch.device("cpu"))
+
+
+@dataclass
+class BenchResult:
+    source: str
+    device: str
+    cpu: str
+    threads: int
+    precision: str
+    precision_reason: str
+    ceilings: dict[str, float]
+    training: TrainingFigures
+    generation: dict[str, float] = field(default_factory=dict)
+    preparation_mb_per_second: float | None = None
+    flop_formula: str = FLOP_FORMULA
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def configs_for(preset: str | None, run_dir: str | None) -> tuple[ModelConfig, TrainConfig, str, Path | None]:
+    """The model and training configs to measure: a run's, else a preset's (vocabulary 84)."""
+    if run_dir is not None:
+        from tinygpt.checkpoint import best_or_last, read_record
+        from tinygpt.config import model_config_from_dict
+
+        record = read_record(run_dir, best_or_last(run_dir))
+        return (model_config_from_dict(record["model_config"]), train_config_from_dict(record["train_config"]),
+                f"run {run_dir}", Path(run_dir))
+    model_config, train_config = get_preset(preset or "cpu")
+    model_config.vocab_size = BENCH_VOCAB_SIZE
+    return model_config, train_config, f"preset {preset or 'cpu'} (vocabulary {BENCH_VOCAB_SIZE})", None
+
+
+def run_bench(preset: str | None = None, run_dir: str | None = None, device: str = "auto",
+              batch_size: int | None = None, repeats: int = 5, warmup: int = 2, compile: bool = False,
+              generation_tokens: int = 1000, generation_repeats: int = 3, prepare_megabytes: float = 16.0,
+              threads: int | None = None, dtype: str = "auto", progress: Callable[[str], None] | None = None
+              ) -> BenchResult:
+    from tinygpt.hardware import resolve_device
+
+    if preset is not None and run_dir is not None:
+        raise ConfigError("bench takes a --preset or a RUN_DIR, not both")
+    if batch_size is not None and batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if min(repeats, generation_repeats) <= 0 or warmup < 0 or generation_tokens <= 0 or prepare_megabytes <= 0:
+        raise ConfigError("repetitions, generated tokens and corpus size must be positive (warm-up >= 0)")
+    if threads is not None:
+        if threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    say = progress or (lambda message: None)
+    device_ = resolve_device(device)
+    configure_backends(device_)
+    model_config, train_config, source, checkpoint_dir = configs_for(preset, run_dir)
+    precision = choose_precision(device_, dtype)
+
+    say("matmul ceilings")
+    ceilings = matmul_ceilings(device_)
+    say(f"training ({precision.name}{', compiled' if compile else ''})")
+    training = measure_training(model_config, train_config, device_, precision, ceilings, batch_size,
+                                repeats, warmup, compile)
+
+    if checkpoint_dir is not None:
+        from tinygpt.checkpoint import load_model
+
+        model, _ = load_model(checkpoint_dir, device=device_)
+    else:
+        torch.manual_seed(0)
+        model = GPT(model_config).to(device_)
+    generation = {}
+    for use_cache in (True, False):
+        label = "cached" if use_cache else "uncached"
+        say(f"generation, {label}")
+        rate, _ = measure_generation(model, generation_tokens, use_cache, generation_repeats)
+        generation[f"{label}_tokens_per_second"] = rate
+    generation["cache_speedup"] = generation["cached_tokens_per_second"] / generation["uncached_tokens_per_second"]
+    generation["new_tokens"] = generation_tokens
+
+    say("preparation")
+    preparation, _ = measure_preparation(prepare_megabytes, generation_repeats)
+    return BenchResult(source, str(device_), cpu_model_name() if device_.type == "cpu" else _device_name(device_),
+                       torch.get_num_threads(), precision.name, precision.reason, ceilings, training, generation,
+                       preparation)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def format_table(result: BenchResult) -> str:
+    t, g = result.training, result.generation
+    g_flops = 1e9
+    threads_matter = result.device == "cpu"
+    rows = [
+        ("source", result.source),
+        ("device", f"{result.device}: {result.cpu}" + (f", {result.threads} threads" if threads_matter else "")),
+        ("precision", result.precision_reason),
+        ("matmul ceiling fp32", f"{result.ceilings['float32'] / g_flops:,.0f} GFLOP/s"),
+        ("matmul ceiling bf16", f"{result.ceilings['bfloat16'] / g_flops:,.0f} GFLOP/s"),
+        ("training", f"batch {t.batch_size} x block {t.block_size}{', compiled' if t.compiled else ''}"),
+        ("  tokens/s", f"{t.tokens_per_second:,.0f} (median; runs "
+                       f"{min(t.tokens_per_second_runs):,.0f}..{max(t.tokens_per_second_runs):,.0f})"),
+        ("  FLOPs/token", f"{t.flops_per_token:,} = 6 x {t.matmul_parameters:,} + 12 x L x C x T"),
+        ("  achieved", f"{t.achieved_flops / g_flops:,.1f} GFLOP/s = {t.fraction_of_used_precision_ceiling:.0%} "
+                       f"of the {result.precision} ceiling ({t.fraction_of_float32_ceiling:.0%} of fp32, "
+                       f"{t.fraction_of_bfloat16_ceiling:.0%} of bf16)"),
+        (f"generation ({g['new_tokens']:,} new, batch 1)", ""),
+        ("  with KV cache", f"{g['cached_tokens_per_second']:,.0f} tokens/s"),
+        ("  without cache", f"{g['uncached_tokens_per_second']:,.0f} tokens/s"),
+        ("  cache speed-up", f"{g['cache_speedup']:.1f}x"),
+        ("preparation", f"{result.preparation_mb_per_second:,.0f} MB/s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}".rstrip() for name, value in rows]
+    lines.append(result.flop_formula)
+    return "\n".join(lines)
