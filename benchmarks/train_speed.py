@@ -163,8 +163,8 @@ def main() -> None:
     ceiling = {name: statistics.median(r[name] for r in results["ceiling"]) for name in ("float32", "bfloat16")}
     print(f"\nmatmul ceilings ({args.matmul_size}^3, median of rounds): fp32 {ceiling['float32'] / 1e9:.0f}, "
           f"bf16 {ceiling['bfloat16'] / 1e9:.0f} GFLOP/s; threads {results[variants[0]][0]['threads']}")
-    header = (f"| variant | tokens/s (median) | min..max | vs naive | GFLOP/s | % of fp32 ceiling "
-              f"| % of bf16 ceiling |")
+    header = ("| variant | tokens/s (median) | min..max | vs naive | GFLOP/s | % of fp32 ceiling "
+              "| % of bf16 ceiling |")
     print(header)
     print("|" + "---|" * 7)
     naive = statistics.median(r["tokens_per_second"] for r in results["naive"]) if "naive" in results else None

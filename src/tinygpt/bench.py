@@ -69,7 +69,7 @@ def training_step(model: GPT, optimizers: list[torch.optim.Optimizer], config: T
     generator = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch_size, block), generator=generator).to(device)
     y = torch.randint(0, vocab, (batch_size, block), generator=generator).to(device)
-    step_model = step_model or model
+    step_model = model if step_model is None else step_model
 
     def step() -> None:
         with precision.autocast(device):

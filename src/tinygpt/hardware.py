@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -106,7 +106,7 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cpu_bf16_choice() -> Precision:
     flags = cpu_flags()
     native = sorted(flags & {"avx512_bf16", "amx_bf16"})
