@@ -6,8 +6,10 @@ Both models have the seed preset's sizes (n_embd 384, 12 layers, 8 heads, block 
 0.2, vocabulary 84) and train on the same random batches with the same batch size. Every
 measurement runs in a fresh process, and the variants alternate (A B A B ...) over several
 rounds, because one eager step on a shared machine moves by +-20 % with process state
-alone. Each process warms up, times a few steps and reports the median step; we report,
-per variant, the median over rounds and the spread (min..max), the achieved model FLOP/s
+alone. Every process gets the same OMP_WAIT_POLICY (PASSIVE unless told otherwise: on a
+loaded machine, spinning OpenMP waits make every variant up to 10x slower, and noisier).
+Each process warms up, times a few steps and reports the median step; we report, per
+variant, the median over rounds and the spread (min..max), the achieved model FLOP/s
 (FLOPs/token = 6N + 12*L*C*T, N = matmul weights) and its fraction of the fp32 and bf16
 matmul ceilings, which are measured in their own processes in every round too.
 
@@ -100,6 +102,9 @@ def run_one(variant: str, args) -> dict:
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.omp_wait_policy != "unset":  # the same for every variant (tinyGPT itself defaults to PASSIVE)
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
@@ -122,6 +127,73 @@ def cpu_line() -> str:
     return cpu_description()
 
 
+def best_seconds(run, repeats: int = 5) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def parts(args) -> None:
+    """The pieces behind the speed-up, each timed in this process at seed shapes (best of 5)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tinygpt.config import get_preset
+    from tinygpt.hardware import explicit_causal_attention
+    from tinygpt.model import GPT, Dropout
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_line()}; {torch.get_num_threads()} threads; best of 5 in one process\n")
+    B = args.batch_size
+    activations = (B, 64, 384)
+    print(f"| dropout p=0.2 on {activations}, forward + backward | ns/element |")
+    print("|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        x0 = torch.randn(activations).to(dtype)
+        for name, layer in (("F.dropout", lambda x: F.dropout(x, 0.2, True)), ("tinyGPT Dropout", Dropout(0.2))):
+            def run(layer=layer, x0=x0):
+                x = x0.clone().requires_grad_()
+                y = layer(x)
+                y.backward(y)
+            print(f"| {name}, {str(dtype)[6:]} | {best_seconds(run) * 1e9 / x0.numel():.2f} |")
+    shape = (B, 8, 64, 48)
+    print(f"\n| causal attention on {shape}, forward + backward | ms |")
+    print("|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = [torch.randn(shape).to(dtype) for _ in range(3)]
+        for name, attention in (
+            ("SDPA (flash kernel)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+            ("explicit (tinyGPT in training)", explicit_causal_attention),
+        ):
+            def run(attention=attention, inputs=inputs):
+                q, k, v = (t.clone().requires_grad_() for t in inputs)
+                attention(q, k, v).sum().backward()
+            print(f"| {name}, {str(dtype)[6:]} | {best_seconds(run) * 1e3:.1f} |")
+    model_config, _ = get_preset("seed")
+    model_config.vocab_size = SEED_SIZES["vocab_size"]
+    model = GPT(model_config)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    print("\n| AdamW step, seed model (21.4 M parameters) | ms |")
+    print("|---|---|")
+    for name, options in (("for-loop (CPU default)", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, **options)
+        print(f"| {name} | {best_seconds(optimizer.step) * 1e3:.1f} |")
+    size = args.matmul_size
+    a, w = torch.randn(size, size), torch.randn(size, size)
+    a_onednn = a.to_mkldnn()
+    print(f"\n| {size}^3 fp32 matmul | GFLOP/s |")
+    print("|---|---|")
+    print(f"| torch.mm (what training uses) | {2 * size**3 / best_seconds(lambda: a @ w.t()) / 1e9:.0f} |")
+    print(f"| oneDNN linear (inference-only layout) | "
+          f"{2 * size**3 / best_seconds(lambda: torch._C._nn.mkldnn_linear(a_onednn, w, None)) / 1e9:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -131,13 +203,21 @@ def main() -> None:
     parser.add_argument("--variants", default="naive,ours", help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--threads", type=int, help="torch threads in every process (default: PyTorch's)")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "unset"), default="PASSIVE",
+                        help="OpenMP waiting in every process (default PASSIVE, what tinyGPT sets; 'unset': "
+                             "the runtime's spinning default, ruinous on a loaded machine)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement here")
+    parser.add_argument("--parts", action="store_true", help="time the pieces (dropout, attention, AdamW, "
+                        "fp32 matmul paths) in this process instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.variant = args.worker
         worker(args)
+        return
+    if args.parts:
+        parts(args)
         return
 
     variants = args.variants.split(",")
@@ -146,6 +226,7 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
     per_token, matmul_weights = flops_per_token()
     print(f"CPU: {cpu_line()}")
+    print(f"OMP_WAIT_POLICY {args.omp_wait_policy} in every process")
     print(f"seed sizes {SEED_SIZES}, batch {args.batch_size}; {args.rounds} rounds of "
           f"{' '.join(variants)} ceiling, each in its own process ({args.warmup} warm-up + {args.steps} timed steps)")
     print(f"FLOPs/token = 6N + 12*L*C*T = 6 x {matmul_weights:,} + 12 x 12 x 384 x 64 = {per_token:,}")

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset, train_config_from_dict
-from tinygpt.hardware import Precision, choose_precision, configure_backends, cpu_model_name, matmul_flops_per_second
-from tinygpt.model import GPT
+from tinygpt.hardware import Precision, choose_precision, configure_backends, cpu_description, matmul_flops_per_second
+from tinygpt.model import GPT, CausalSelfAttention
 
 FLOP_FORMULA = "FLOPs/token = 6N + 12*L*C*T (N matmul weights, L layers, C n_embd, T block_size)"
-BENCH_VOCAB_SIZE = 84  # presets have no vocabulary of their own; this is Shakespeare's plus a few
+BENCH_VOCAB_SIZE = 84  # presets have no vocabulary of their own; the seed configuration is measured at 84
 
 
 def synchronize(device: torch.device) -> None:
@@ -97,6 +97,7 @@ class TrainingFigures:
     fraction_of_bfloat16_ceiling: float
     fraction_of_used_precision_ceiling: float
     compiled: bool
+    attention: str
 
 
 def measure_training(model_config: ModelConfig, train_config: TrainConfig, device: torch.device,
@@ -118,7 +119,21 @@ def measure_training(model_config: ModelConfig, train_config: TrainConfig, devic
     return TrainingFigures(
         batch_size, model_config.block_size, rate, runs, flops_per_token, model.matmul_parameters(), achieved,
         achieved / ceilings["float32"], achieved / ceilings["bfloat16"], achieved / used, compile,
+        training_attention(model_config, device, precision),
     )
+
+
+def training_attention(model_config: ModelConfig, device: torch.device, precision: Precision) -> str:
+    """Which attention the model trains with here, and why (see CausalSelfAttention)."""
+    if device.type == "cuda":
+        return "SDPA (fused kernels)"
+    if model_config.dropout > 0:
+        return "explicit: SDPA has no fused kernel with dropout on this device"
+    with torch.enable_grad():
+        explicit = CausalSelfAttention.explicit_is_faster(device, precision.dtype, 0.0)
+    if explicit:
+        return f"explicit: timed faster than SDPA's flash kernel in {precision.name} on this CPU"
+    return f"SDPA: its flash kernel timed faster in {precision.name} on this {device.type}"
 
 
 def measure_generation(model: GPT, new_tokens: int = 1000, use_cache: bool = True,
@@ -208,20 +223,33 @@ def configs_for(preset: str | None, run_dir: str | None) -> tuple[ModelConfig, T
 def run_bench(preset: str | None = None, run_dir: str | None = None, device: str = "auto",
               batch_size: int | None = None, repeats: int = 5, warmup: int = 2, compile: bool = False,
               generation_tokens: int = 1000, generation_repeats: int = 3, prepare_megabytes: float = 16.0,
-              threads: int | None = None, dtype: str = "auto", progress: Callable[[str], None] | None = None
-              ) -> BenchResult:
-    from tinygpt.hardware import resolve_device
-
+              threads: int | None = None, dtype: str = "auto", matmul_size: int | None = None,
+              progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Measure everything `tinygpt bench` prints, for a preset (default `cpu`) or a run."""
     if preset is not None and run_dir is not None:
         raise ConfigError("bench takes a --preset or a RUN_DIR, not both")
     if batch_size is not None and batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    if min(repeats, generation_repeats) <= 0 or warmup < 0 or generation_tokens <= 0 or prepare_megabytes <= 0:
+    if min(repeats, generation_repeats, generation_tokens) <= 0 or warmup < 0 or not prepare_megabytes > 0:
         raise ConfigError("repetitions, generated tokens and corpus size must be positive (warm-up >= 0)")
-    if threads is not None:
-        if threads <= 0:
-            raise ConfigError(f"--threads must be positive, got {threads}")
-        torch.set_num_threads(threads)
+    if matmul_size is not None and matmul_size <= 0:
+        raise ConfigError(f"--matmul-size must be positive, got {matmul_size}")
+    if threads is not None and threads <= 0:
+        raise ConfigError(f"--threads must be positive, got {threads}")
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _run_bench(preset, run_dir, device, batch_size, repeats, warmup, compile, generation_tokens,
+                          generation_repeats, prepare_megabytes, dtype, matmul_size, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_bench(preset, run_dir, device, batch_size, repeats, warmup, compile, generation_tokens,
+               generation_repeats, prepare_megabytes, dtype, matmul_size, progress) -> BenchResult:
+    from tinygpt.hardware import resolve_device
+
     say = progress or (lambda message: None)
     device_ = resolve_device(device)
     configure_backends(device_)
@@ -229,7 +257,7 @@ def run_bench(preset: str | None = None, run_dir: str | None = None, device: str
     precision = choose_precision(device_, dtype)
 
     say("matmul ceilings")
-    ceilings = matmul_ceilings(device_)
+    ceilings = matmul_ceilings(device_, matmul_size)
     say(f"training ({precision.name}{', compiled' if compile else ''})")
     training = measure_training(model_config, train_config, device_, precision, ceilings, batch_size,
                                 repeats, warmup, compile)
@@ -252,7 +280,7 @@ def run_bench(preset: str | None = None, run_dir: str | None = None, device: str
 
     say("preparation")
     preparation, _ = measure_preparation(prepare_megabytes, generation_repeats)
-    return BenchResult(source, str(device_), cpu_model_name() if device_.type == "cpu" else _device_name(device_),
+    return BenchResult(source, str(device_), cpu_description() if device_.type == "cpu" else _device_name(device_),
                        torch.get_num_threads(), precision.name, precision.reason, ceilings, training, generation,
                        preparation)
 
@@ -274,6 +302,7 @@ def format_table(result: BenchResult) -> str:
         ("matmul ceiling fp32", f"{result.ceilings['float32'] / g_flops:,.0f} GFLOP/s"),
         ("matmul ceiling bf16", f"{result.ceilings['bfloat16'] / g_flops:,.0f} GFLOP/s"),
         ("training", f"batch {t.batch_size} x block {t.block_size}{', compiled' if t.compiled else ''}"),
+        ("  attention", t.attention),
         ("  tokens/s", f"{t.tokens_per_second:,.0f} (median; runs "
                        f"{min(t.tokens_per_second_runs):,.0f}..{max(t.tokens_per_second_runs):,.0f})"),
         ("  FLOPs/token", f"{t.flops_per_token:,} = 6 x {t.matmul_parameters:,} + 12 x L x C x T"),

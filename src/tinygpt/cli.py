@@ -162,7 +162,7 @@ def cmd_bench(args) -> int:
     result = run_bench(preset=args.preset, run_dir=args.run_dir, device=args.device, batch_size=args.batch_size,
                        repeats=args.repeats, compile=args.compile, generation_tokens=args.new_tokens,
                        prepare_megabytes=args.prepare_mb, threads=args.threads, dtype=args.dtype,
-                       progress=progress)
+                       matmul_size=args.matmul_size, progress=progress)
     print(json.dumps(result.as_dict()) if args.json else format_table(result))
     return 0
 
@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=1000, help="characters generated (default 1000)")
     p.add_argument("--prepare-mb", type=float, default=16.0, help="size of the generated corpus (default 16 MB)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--matmul-size", type=int, help="side of the ceiling matmuls (default 2048; 8192 on CUDA)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
