@@ -474,7 +474,9 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
             "elapsed": elapsed(),
         }
 
-    bar = tqdm(total=config.max_iters, initial=start_iteration, desc="train", unit="it",
+    # with a time budget the iteration count is only an upper bound: the bar shows time left instead
+    bar = tqdm(total=None if config.max_time > 0 else config.max_iters, initial=start_iteration,
+               desc=f"train ({config.max_time:.0f} s budget)" if config.max_time > 0 else "train", unit="it",
                disable=not (progress and world.is_main), dynamic_ncols=True)
     model.train()
     iteration = start_iteration
@@ -526,8 +528,11 @@ def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConf
                         f"The last good checkpoint is intact; lower learning_rate and --resume or start again"
                     )
                 window_seconds = time.perf_counter() - window_start
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{window_iterations * tokens_per_iteration / window_seconds:,.0f}")
+                postfix = {"loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}",
+                           "tok_s": f"{window_iterations * tokens_per_iteration / window_seconds:,.0f}"}
+                if config.max_time > 0:
+                    postfix["left"] = f"{max(0.0, config.max_time - elapsed()):.0f}s"
+                bar.set_postfix(postfix)
                 bar.update(window_iterations)
                 window_loss.zero_()
                 window_start, window_iterations = time.perf_counter(), 0
