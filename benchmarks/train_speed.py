@@ -139,6 +139,8 @@ def best_seconds(run, repeats: int = 5) -> float:
 
 def parts(args) -> None:
     """The pieces behind the speed-up, each timed in this process at seed shapes (best of 5)."""
+    if args.omp_wait_policy != "unset":  # before torch starts OpenMP
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     import torch
     import torch.nn.functional as F
 

@@ -10,11 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import words_text, write_text
 from tinygpt import bench
 from tinygpt.cli import main
 from tinygpt.config import ConfigError, ModelConfig, get_preset
+from tinygpt.data import prepare
 from tinygpt.hardware import Precision, cpu_prefers_explicit_attention
 from tinygpt.model import GPT, CausalSelfAttention, Dropout, dropout_mask
+from tinygpt.train import train
 
 TINY = dict(batch_size=2, repeats=1, warmup=1, generation_tokens=5, generation_repeats=1,
             prepare_megabytes=0.02, matmul_size=64)
@@ -83,6 +86,18 @@ def test_bench_rejects_bad_requests(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--repeats", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tinygpt bench: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_bench_measures_a_trained_run(tmp_path):
+    prepare([str(write_text(tmp_path / "corpus.txt", words_text(3000)))], tmp_path / "data", progress=False)
+    model_config, train_config = get_preset("tiny")
+    train_config.max_iters, train_config.eval_interval, train_config.eval_iters = 2, 2, 1
+    train(tmp_path / "data", tmp_path / "run", model_config, train_config, device="cpu", progress=False,
+          log=lambda message: None)
+    result = bench.run_bench(run_dir=str(tmp_path / "run"), device="cpu", **TINY)
+    assert result.source == f"run {tmp_path / 'run'}"
+    assert result.training.block_size == model_config.block_size
+    assert result.generation["cached_tokens_per_second"] > 0
 
 
 def test_bench_leaves_the_thread_count_as_it_was():
