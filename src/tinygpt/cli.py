@@ -67,7 +67,8 @@ def cmd_eval(args) -> int:
     torch.manual_seed(0)
     model, tokenizer = load_model(args.run_dir, device=device)
     if load_tokenizer(args.data).chars != tokenizer.chars:
-        raise TinyGPTError(f"the vocabulary of {args.data} differs from the run's; evaluate on the data it was trained on")
+        raise TinyGPTError(
+            f"the vocabulary of {args.data} differs from the run's; evaluate on the data it was trained on")
     tokens = load_tokens(args.data, args.split)
     with tqdm(total=max(0, len(tokens) - 1), unit="char", unit_scale=True, desc=f"eval {args.split}",
               disable=args.json or args.no_progress, leave=False) as bar:
@@ -106,7 +107,7 @@ def cmd_sample(args) -> int:
         return 0
     samples = [args.prompt] * args.num_samples
     for step in steps:
-        samples = [s + c for s, c in zip(samples, step)]
+        samples = [s + c for s, c in zip(samples, step, strict=True)]
     for i, text in enumerate(samples):
         print(f"--- sample {i + 1} ---")
         print(text)
