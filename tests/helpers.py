@@ -85,3 +85,19 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{result.stderr}"
     return lines[0]
+
+
+def train_tiny(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int, settings: dict,
+               resume: bool = False):
+    """Train the tiny preset in-process and quietly, with dtype/dropout/eval_iters from `settings`."""
+    from tinygpt.config import get_preset
+    from tinygpt.train import train
+
+    model_config, train_config = get_preset("tiny")
+    model_config.dropout = settings["dropout"]
+    train_config.dtype = settings["dtype"]
+    train_config.eval_iters = settings["eval_iters"]
+    train_config.eval_interval = eval_interval
+    train_config.max_iters = max_iters
+    return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume,
+                 progress=False, log=lambda *args: None)

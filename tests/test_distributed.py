@@ -24,10 +24,10 @@ import pytest
 import torch
 
 import tinygpt.train
+from helpers import train_tiny
 from tinygpt import checkpoint
-from tinygpt.config import get_preset
 from tinygpt.data import prepare
-from tinygpt.train import BatchSampler, Distributed, train
+from tinygpt.train import BatchSampler, Distributed
 
 MAX_ITERS, EVAL_INTERVAL = 24, 8
 SETTINGS = {"dtype": "float32", "dropout": 0.0, "eval_iters": 2, "eval_interval": EVAL_INTERVAL}
@@ -56,14 +56,7 @@ def one_process_run(data_dir, tmp_path_factory) -> Path:
 
 
 def _train_here(data_dir: Path, run_dir: Path, resume: bool = False):
-    model_config, train_config = get_preset("tiny")
-    model_config.dropout = SETTINGS["dropout"]
-    train_config.dtype = SETTINGS["dtype"]
-    train_config.eval_iters = SETTINGS["eval_iters"]
-    train_config.eval_interval = EVAL_INTERVAL
-    train_config.max_iters = MAX_ITERS
-    return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume,
-                 progress=False, log=lambda *args: None)
+    return train_tiny(data_dir, run_dir, MAX_ITERS, EVAL_INTERVAL, SETTINGS, resume=resume)
 
 
 def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:

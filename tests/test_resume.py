@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import train_tiny
 from tinygpt import checkpoint
 from tinygpt.cli import main
-from tinygpt.config import get_preset
 from tinygpt.data import prepare
-from tinygpt.train import dropout_seed, train
+from tinygpt.train import dropout_seed
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 # dropout > 0 so that the RNG streams matter; float32 so that no run-time timing picks bf16
@@ -45,14 +45,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _train(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int, resume: bool = False):
-    model_config, train_config = get_preset("tiny")
-    model_config.dropout = SETTINGS["dropout"]
-    train_config.dtype = SETTINGS["dtype"]
-    train_config.eval_iters = SETTINGS["eval_iters"]
-    train_config.eval_interval = eval_interval
-    train_config.max_iters = max_iters
-    return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume,
-                 progress=False, log=lambda *args: None)
+    return train_tiny(data_dir, run_dir, max_iters, eval_interval, SETTINGS, resume=resume)
 
 
 def _cli_args(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int) -> list[str]:

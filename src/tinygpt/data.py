@@ -471,11 +471,16 @@ def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
+    """The `length` tokens from each start, as int64 (B, length): one gather from the memmap."""
+    index = np.asarray(starts)[:, None] + np.arange(length)  # (B, length)
+    return torch.from_numpy(np.asarray(tokens[index]).astype(np.int64))
+
+
 def get_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random contiguous windows: inputs (B, T) and the next-character targets (B, T)."""
     starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=generator)
-    index = starts.numpy()[:, None] + np.arange(block_size + 1)  # (B, T+1)
-    window = torch.from_numpy(tokens[index].astype(np.int64))  # one gather from the memmap
+    window = gather_windows(tokens, starts.numpy(), block_size + 1)  # (B, T+1)
     return window[:, :-1], window[:, 1:]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.config import TinyGPTError
+from tinygpt.data import gather_windows
 from tinygpt.model import GPT
 
 
@@ -47,8 +48,7 @@ def evaluate_tokens(
     windows = np.arange(full_windows) * block
     for first in range(0, full_windows, batch_size):
         starts = windows[first:first + batch_size]
-        index = starts[:, None] + np.arange(block + 1)  # (B, T+1)
-        window = torch.from_numpy(np.asarray(tokens[index]).astype(np.int64)).to(device)
+        window = gather_windows(tokens, starts, block + 1).to(device)  # (B, T+1)
         logits, _ = model(window[:, :-1])
         total += F.cross_entropy(
             logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from tinygpt import checkpoint
 from tinygpt.config import ConfigError, ModelConfig, TinyGPTError, TrainConfig, train_config_from_dict
-from tinygpt.data import load_meta, load_tokens
+from tinygpt.data import gather_windows, load_meta, load_tokens
 from tinygpt.hardware import Precision, choose_precision, configure_backends, resolve_device
 from tinygpt.model import GPT
 from tinygpt.tokenizer import CharTokenizer
@@ -187,8 +187,7 @@ class BatchSampler:
         starts = torch.randint(0, len(self.tokens) - self.block_size, (global_batch,), generator=self.generator)
         per_rank = global_batch // self.world.world_size
         mine = starts[self.world.rank * per_rank:(self.world.rank + 1) * per_rank].numpy()
-        index = mine[:, None] + np.arange(self.block_size + 1)  # (B, T+1)
-        window = torch.from_numpy(self.tokens[index].astype(np.int64))  # one gather from the memmap
+        window = gather_windows(self.tokens, mine, self.block_size + 1)  # (B, T+1)
         if device.type == "cuda":
             window = window.pin_memory().to(device, non_blocking=True)
         else:
