@@ -181,6 +181,19 @@ def test_a_lost_process_ends_the_job_with_one_line(data_dir, tmp_path, failure):
     print(f"rank 1 {failure}: rank 0 ended after {seconds:.1f} s")
 
 
+def test_a_process_that_never_arrives_ends_the_job_with_one_line(data_dir, tmp_path):
+    """Rank 0 starts alone: after the timeout it names the address it waited at, no traceback."""
+    port = _free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TINYGPT_DIST_TIMEOUT": "2"}
+    result = subprocess.run([sys.executable, *_train_args(data_dir, tmp_path / "run")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"process 0 of 2: could not meet the other processes at 127.0.0.1:{port}" in lines[0]
+
+
 def test_processes_that_see_different_checkpoints_refuse_to_start(data_dir, one_process_run, tmp_path):
     """As on two nodes without a shared filesystem: rank 0 finds the checkpoint, rank 1 does not."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from tinygpt.config import PRESETS, TinyGPTError, apply_overrides, get_preset, known_keys
@@ -328,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TinyGPTError as e:
         print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
+        if type(e).__name__ == "PeerLost":
+            # The process group is broken. Letting Python free the DDP wrapper now can deadlock:
+            # its destructor joins gloo's worker threads while holding the GIL, and a worker may
+            # be waiting for the GIL to free its last task. Checkpoints and metrics are already
+            # on disk, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except BrokenPipeError:  # e.g. `tinygpt sample ... | head`: the reader left, nothing to report
         sys.stderr.close()

@@ -79,7 +79,13 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     # a rank that dies makes the others fail at their next collective within this timeout
     timeout = datetime.timedelta(seconds=int(os.environ.get("TINYGPT_DIST_TIMEOUT", "300")))
-    dist.init_process_group(backend=backend, timeout=timeout)
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except dist.DistError as e:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerLost(f"process {rank} of {world_size}: could not meet the other processes at {where} "
+                       f"[{reason}]") from None
     return Distributed(rank, world_size, local_rank), device
 
 
