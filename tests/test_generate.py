@@ -106,6 +106,22 @@ def test_rope_window_is_not_a_crop_to_block_size():
     torch.testing.assert_close(one_windowed[0, -1], one_full[0, -1], rtol=1e-4, atol=1e-5)  # one layer: they agree
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+@pytest.mark.parametrize("threads", [2])
+def test_cache_changes_nothing_with_the_decode_product_split_over_threads(positions, threads):
+    """At batch 1 a decode step's matrix products run as one bmm over per-thread chunks."""
+    model = small_model(positions)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cached = generate(model, [1, 2, 3], 5 * BLOCK, seed=7, use_cache=True, **PLAIN)
+        uncached = generate(model, [1, 2, 3], 5 * BLOCK, seed=7, use_cache=False, **PLAIN)
+    finally:
+        torch.set_num_threads(previous)
+    assert model.blocks[0].mlp.up.decode_copy.size(0) == (threads if 4 * 32 % threads == 0 else 1)
+    assert torch.equal(cached, uncached)
+
+
 def test_decoded_logits_match_the_full_forward_pass():
     for positions in ("learned", "rope"):
         model = small_model(positions)

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tinygpt.config import ConfigError, ModelConfig, TinyGPTError, TrainConfig, get_preset
 from tinygpt.evaluate import evaluate_tokens
@@ -237,3 +238,68 @@ def test_evaluate_predicts_every_character_once(length):
     for bad_batch in (0, -3):
         with pytest.raises(TinyGPTError, match="batch size"):
             evaluate_tokens(model, tokens, batch_size=bad_batch)
+
+
+@pytest.mark.parametrize("stride", [1, 5, 11, 16])
+@pytest.mark.parametrize("length", [10, 17, 60, 61])
+def test_strided_evaluate_gives_each_character_its_rule_context(stride, length):
+    """With overlapping windows, character j (its index in the split) is predicted from the
+    characters its window starts at: 0 inside the first window, else the last full window
+    start s * ceil((j - block) / s); the characters after the last full window come from
+    one window starting block - stride before them. Checked one character at a time."""
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    block = model.config.block_size
+    tokens = np.random.default_rng(length).integers(0, 23, length).astype(np.uint8)
+    predicted = length - 1
+    last_full = (predicted - block) // stride * stride if predicted >= block else None
+    covered = last_full + block if last_full is not None else 0
+    total = 0.0
+    with torch.no_grad():
+        for j in range(1, length):
+            if j <= block:
+                start = 0
+            elif j <= covered:
+                start = stride * math.ceil((j - block) / stride)
+            else:
+                start = max(0, covered - (block - stride))
+            assert j - start <= block and (j <= block or j - start >= block - stride)
+            context = torch.from_numpy(tokens[start:j].astype(np.int64))[None]
+            logits, _ = model(context)
+            total += torch.nn.functional.cross_entropy(logits[0, -1:], torch.tensor([int(tokens[j])])).item()
+    for batch_size in (1, 4):
+        result = evaluate_tokens(model, tokens, batch_size=batch_size, stride=stride)
+        assert result.characters == predicted
+        assert result.loss == pytest.approx(total / predicted, rel=1e-5)
+    for bad_stride in (0, block + 1):
+        with pytest.raises(TinyGPTError, match="stride"):
+            evaluate_tokens(model, tokens, stride=bad_stride)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_product_equals_linear_and_follows_the_weights(threads, bias):
+    """The decode-step product (a re-laid-out copy of the weight, one bmm) gives F.linear's
+    numbers for any thread count, and a weight changed in place (an optimizer step, a load)
+    is picked up rather than served stale."""
+    from tinygpt.model import Linear
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        layer = Linear(48, 96, bias=bias)
+        x = torch.randn(1, 1, 48)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            assert layer.decode_copy is not None  # the fast path ran
+            layer.weight.mul_(-2.0)
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():
+            layer.weight.add_(1.0)
+            assert torch.allclose(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        y = layer(x)  # with autograd: the plain path, gradients flow
+        y.sum().backward()
+        assert layer.weight.grad is not None
+    finally:
+        torch.set_num_threads(previous)

@@ -73,7 +73,8 @@ def cmd_eval(args) -> int:
     tokens = load_tokens(args.data, args.split)
     with tqdm(total=max(0, len(tokens) - 1), unit="char", unit_scale=True, desc=f"eval {args.split}",
               disable=args.json or args.no_progress, leave=False) as bar:
-        result = evaluate_tokens(model, tokens, batch_size=args.batch_size, device=device, progress=bar.update)
+        result = evaluate_tokens(model, tokens, batch_size=args.batch_size, device=device, progress=bar.update,
+                                 stride=args.stride)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATA_DIR")
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stride", type=int, metavar="N",
+                   help="overlapping windows N characters apart: every character after the first window is "
+                        "predicted from at least block_size - N characters (default: block_size, no overlap)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -1,7 +1,12 @@
 """Loss over a whole split: every character after the first is predicted exactly once.
 
-The split is cut into consecutive windows of block_size characters; each window predicts
-its own next characters, so a character's context is what precedes it in its window.
+By default the split is cut into consecutive windows of block_size characters; each
+window predicts its own next characters, so a character's context is what precedes it in
+its window (block_size / 2 characters on average, as when training batches are scored).
+With a stride below block_size the windows overlap: each starts `stride` characters after
+the previous one and scores only its last `stride` predictions, so every character after
+the first window is predicted from at least block_size - stride characters (stride 1: all
+of them from a full window), at block_size / stride times the cost.
 The result is reported as nats/char (the cross-entropy), bits/char (nats / ln 2) and
 perplexity (e^nats).
 """
@@ -34,33 +39,39 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_tokens(
     model: GPT, tokens: np.ndarray, batch_size: int = 32, device: torch.device | str = "cpu",
-    progress=None,
+    progress=None, stride: int | None = None,
 ) -> EvalResult:
     block = model.config.block_size
+    stride = block if stride is None else stride
     predicted = len(tokens) - 1
     if predicted < 1:
         raise TinyGPTError("the split has fewer than 2 characters: nothing to evaluate")
     if batch_size < 1:
         raise TinyGPTError(f"the evaluation batch size must be at least 1, got {batch_size}")
+    if not 1 <= stride <= block:
+        raise TinyGPTError(f"the stride must be between 1 and the block size ({block}), got {stride}")
     model.eval()
-    full_windows = predicted // block
+    skip = block - stride  # a window's first predictions, already made by the one before
     total = 0.0
-    windows = np.arange(full_windows) * block
-    for first in range(0, full_windows, batch_size):
+    windows = np.arange(0, predicted - block + 1, stride)  # full windows' first characters
+    for first in range(0, len(windows), batch_size):
         starts = windows[first:first + batch_size]
         window = gather_windows(tokens, starts, block + 1).to(device)  # (B, T+1)
         logits, _ = model(window[:, :-1])
-        total += F.cross_entropy(
-            logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum"
-        ).item()
+        losses = F.cross_entropy(logits.float().transpose(1, 2), window[:, 1:], reduction="none")  # (B, T)
+        total += losses[:, skip:].sum().item()
+        if first == 0:
+            total += losses[0, :skip].sum().item()  # the split's first window scores all it predicts
         if progress is not None:
-            progress(len(starts) * block)
-    tail = predicted - full_windows * block  # the last, shorter window
-    if tail:
-        window = torch.from_numpy(np.asarray(tokens[full_windows * block:]).astype(np.int64)).to(device)[None]
+            progress(losses[:, skip:].numel() + (skip if first == 0 else 0))
+    covered = int(windows[-1]) + block if len(windows) else 0  # predictions made so far
+    if covered < predicted:  # the rest, fewer than stride: a last, shorter window
+        start = max(0, covered - skip)
+        window = torch.from_numpy(np.asarray(tokens[start:]).astype(np.int64)).to(device)[None]
         logits, _ = model(window[:, :-1])
-        total += F.cross_entropy(logits.float()[0], window[0, 1:], reduction="sum").item()
+        losses = F.cross_entropy(logits.float()[0], window[0, 1:], reduction="none")
+        total += losses[covered - start:].sum().item()
         if progress is not None:
-            progress(tail)
+            progress(predicted - covered)
     loss = total / predicted
     return EvalResult(loss, loss / math.log(2), math.exp(loss), predicted)

@@ -30,9 +30,10 @@ differ when the random draw lands that close to the edge between two characters,
 the tests (5x past block_size, both position options, sampled and greedy) never see.
 
 A decode step reads every weight once for one character, so on a CPU it is bound by
-memory bandwidth, not arithmetic; the loop therefore allocates next to nothing per step
-(the token buffer and the cache are preallocated, the rotary angles precomputed) and
-runs under inference_mode.
+memory bandwidth, not arithmetic: model.Linear reads a re-laid-out copy of each weight
+there, split across the cores, and the loop allocates next to nothing per step (the
+token buffer and the cache are preallocated, the rotary angles precomputed) and runs
+under inference_mode.
 """
 
 from __future__ import annotations
