@@ -194,3 +194,25 @@ def test_weight_decay_groups():
     train_config.decay_all_params = True  # the seed preset: plain AdamW on everything
     (optimizer,) = build_optimizers(model, train_config, torch.device("cpu"))
     assert len(optimizer.param_groups) == 1
+
+
+def test_a_small_val_split_is_scored_whole(data_dir, tmp_path):
+    """When eval_iters random batches would read at least the whole val split, the logged val
+    loss is the whole-split score of `tinygpt eval`; with fewer batches it stays an estimate."""
+    from tinygpt.data import load_tokens
+    from tinygpt.evaluate import evaluate_tokens
+
+    val_tokens = load_tokens(data_dir, "val")
+    model_config, _ = configs()
+    assert len(val_tokens) - 1 <= 10 * 8 * model_config.block_size  # 10 batches of 8 windows cover it
+    scores = {}
+    for eval_iters in (10, 1):
+        run_dir = tmp_path / f"run{eval_iters}"
+        run(data_dir, run_dir, eval_iters=eval_iters, max_iters=10)
+        model, _ = load_model(run_dir, "last")
+        scores[eval_iters] = (metrics(run_dir)[-1]["val_loss"], evaluate_tokens(model, val_tokens).loss)
+    logged, exact = scores[10]
+    assert logged == pytest.approx(exact, abs=2e-6)
+    estimated, exact_again = scores[1]
+    assert exact_again == pytest.approx(exact, abs=1e-6)  # the same training either way
+    assert abs(estimated - exact) > 1e-4

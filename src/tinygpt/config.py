@@ -154,7 +154,7 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         "the demo: the best model 2 CPU cores train in 9 minutes (a time budget: max_time 540 s)",
         ModelConfig(
-            block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.1, bias=False,
+            block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.05, bias=False,
             qkv_bias=False, lm_head_bias=False, norm="pre", activation="gelu",
             positions="rope", tie_embeddings=False,
         ),
