@@ -7,12 +7,13 @@ and exit status 1 (2 for unusable arguments).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 
-from tinygpt.config import PRESETS, TinyGPTError, apply_overrides, get_preset, known_keys
+from tinygpt.config import PRESETS, PeerLost, TinyGPTError, apply_overrides, get_preset, known_keys
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +52,7 @@ def cmd_train(args) -> int:
                    progress=not args.no_progress)
     if result.val_loss is not None and result.rank == 0:
         print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} "
-              f"({result.val_loss / 0.6931471805599453:.3f} bits/char, estimated); run saved in {args.out}")
+              f"({result.val_loss / 0.6931471805599453:.3f} bits/char, as logged); run saved in {args.out}")
     return 130 if result.interrupted else 0
 
 
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--stride", type=int, metavar="N",
                    help="overlapping windows N characters apart: every character after the first window is "
-                        "predicted from at least block_size - N characters (default: block_size, no overlap)")
+                        "predicted from at least block_size - N + 1 characters (default: block_size, no overlap)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -333,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TinyGPTError as e:
         print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
-        if type(e).__name__ == "PeerLost":
+        if isinstance(e, PeerLost):
             # The process group is broken. Letting Python free the DDP wrapper now can deadlock:
             # its destructor joins gloo's worker threads while holding the GIL, and a worker may
             # be waiting for the GIL to free its last task. Checkpoints and metrics are already
-            # on disk, so leave at once.
-            sys.stdout.flush()
-            sys.stderr.flush()
+            # on disk, so the process ends here, at once.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError):
+                    stream.flush()
             os._exit(1)
         return 1
     except BrokenPipeError:  # e.g. `tinygpt sample ... | head`: the reader left, nothing to report

@@ -21,6 +21,10 @@ class ConfigError(TinyGPTError):
     """An impossible or unknown configuration."""
 
 
+class PeerLost(TinyGPTError):
+    """Another process of a distributed job died, hung or never arrived."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 65

@@ -2,11 +2,12 @@
 
 By default the split is cut into consecutive windows of block_size characters; each
 window predicts its own next characters, so a character's context is what precedes it in
-its window (block_size / 2 characters on average, as when training batches are scored).
-With a stride below block_size the windows overlap: each starts `stride` characters after
-the previous one and scores only its last `stride` predictions, so every character after
-the first window is predicted from at least block_size - stride characters (stride 1: all
-of them from a full window), at block_size / stride times the cost.
+its window: 1 to block_size characters, about block_size / 2 on average, as when training
+batches are scored. With a stride below block_size the windows overlap: each starts
+`stride` characters after the previous one and scores only its last `stride` predictions,
+so every character after the first window is predicted from at least
+block_size - stride + 1 characters (stride 1: from a full window), at block_size / stride
+times the cost.
 The result is reported as nats/char (the cross-entropy), bits/char (nats / ln 2) and
 perplexity (e^nats).
 """
@@ -31,6 +32,7 @@ class EvalResult:
     bits_per_char: float
     perplexity: float
     characters: int
+    stride: int  # characters between window starts (block_size: consecutive windows)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,4 +76,4 @@ def evaluate_tokens(
         if progress is not None:
             progress(predicted - covered)
     loss = total / predicted
-    return EvalResult(loss, loss / math.log(2), math.exp(loss), predicted)
+    return EvalResult(loss, loss / math.log(2), math.exp(loss), predicted, stride)

@@ -99,30 +99,31 @@ def generate_ids(
     cache = KVCache(config, num_samples, device, parameter.dtype) if use_cache else None
     start = max(0, n - (reach if rotary else block))  # the context is tokens[:, start:length]
     prefilled = False
-    for length in range(n, n + max_new_tokens):
-        if rotary:
-            start = max(0, length - reach)
-        elif length - start > block:  # learned: the context is full, keep its last half
-            start, prefilled = length - max(1, block // 2), False
-        # rotary positions are absolute (only distances matter); learned ones count from start
-        offset = 0 if rotary else start
-        if cache is None:
-            logits, _ = model(tokens[:, start:length], start=start - offset)
-        elif not prefilled:
-            cache.reset(start - offset)
-            logits, _ = model(tokens[:, start:length], start=start - offset, cache=cache)
-            prefilled = True
-        else:  # decode: only the newest character goes through the model
-            logits, _ = model(tokens[:, length - 1:length], start=length - 1 - offset, cache=cache)
-        next_logits = logits[:, -1, :]  # (B, V)
-        next_ids = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
-        if length == tokens.size(1):
-            tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
-        tokens[:, length] = next_ids
-        if with_probs:
-            yield next_ids, next_logits.float().softmax(dim=-1)
-        else:
-            yield next_ids
+    with model.decoding():  # batch-1 steps read per-core weight copies, dropped at the end
+        for length in range(n, n + max_new_tokens):
+            if rotary:
+                start = max(0, length - reach)
+            elif length - start > block:  # learned: the context is full, keep its last half
+                start, prefilled = length - max(1, block // 2), False
+            # rotary positions are absolute (only distances matter); learned ones count from start
+            offset = 0 if rotary else start
+            if cache is None:
+                logits, _ = model(tokens[:, start:length], start=start - offset)
+            elif not prefilled:
+                cache.reset(start - offset)
+                logits, _ = model(tokens[:, start:length], start=start - offset, cache=cache)
+                prefilled = True
+            else:  # decode: only the newest character goes through the model
+                logits, _ = model(tokens[:, length - 1:length], start=length - 1 - offset, cache=cache)
+            next_logits = logits[:, -1, :]  # (B, V)
+            next_ids = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
+            if length == tokens.size(1):
+                tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
+            tokens[:, length] = next_ids
+            if with_probs:
+                yield next_ids, next_logits.float().softmax(dim=-1)
+            else:
+                yield next_ids
 
 
 def stream_text(

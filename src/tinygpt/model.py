@@ -11,6 +11,7 @@ hd = head size (C / nh), V = vocab_size. Options are plain `if`s on `ModelConfig
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -134,32 +135,28 @@ class Linear(nn.Linear):
 
     There the product reads every weight once for one row, so it is bound by memory
     bandwidth. F.linear reads the (out, in) weight with one core at ~14 GB/s on this
-    project's CPUs. A copy laid out (chunks, in, out / chunks) and one bmm reads it at
-    ~20 GB/s per core, one chunk per core: about 2.5x faster with 2 cores. Each output is
-    still one dot product over `in`. The copy is made on first use and again whenever the
-    weight changes (its version counter moves), outside autograd only; it is not saved.
+    project's CPUs; a copy laid out (chunks, in, out / chunks) and one bmm read it at
+    ~20 GB/s per core, one chunk per core. Each output is still one dot product over `in`.
+    The copy exists only inside GPT.decoding() (generation), which makes it on entry and
+    drops it on exit: nothing can tell reliably when weights change (a fused optimizer step
+    does not move a tensor's version counter), so the copy must not outlive a generation.
     """
 
     decode_copy: torch.Tensor | None = None
-    decode_key: tuple = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == self.weight.dtype
-                and not torch.is_grad_enabled()):
-            return self.one_row(x)
+        copy = self.decode_copy
+        if (copy is not None and x.numel() == self.in_features and x.dtype == copy.dtype
+                and x.device == copy.device and not torch.is_grad_enabled()):
+            y = torch.bmm(x.reshape(1, 1, -1).expand(copy.size(0), 1, -1), copy)  # (chunks, 1, out / chunks)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
-    def one_row(self, x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        chunks = threads if self.out_features % threads == 0 else 1
-        key = (self.weight._version, self.weight.data_ptr(), chunks)
-        if self.decode_key != key:
-            self.decode_copy = (self.weight.detach().view(chunks, self.out_features // chunks, self.in_features)
-                                .transpose(1, 2).contiguous())  # (chunks, in, out / chunks)
-            self.decode_key = key
-        y = torch.bmm(x.reshape(1, 1, -1).expand(chunks, 1, -1), self.decode_copy)  # (chunks, 1, out / chunks)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+    def make_decode_copy(self, chunks: int) -> None:
+        chunks = chunks if self.out_features % chunks == 0 else 1
+        self.decode_copy = (self.weight.detach().view(chunks, self.out_features // chunks, self.in_features)
+                            .transpose(1, 2).contiguous())  # (chunks, in, out / chunks)
 
 
 class CausalSelfAttention(nn.Module):
@@ -270,6 +267,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.decode_depth = 0  # how many decoding() contexts are open
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
@@ -348,6 +346,25 @@ class GPT(nn.Module):
                 cos_chunks.append(cos)
                 sin_chunks.append(sin)
             self.rotary_cos, self.rotary_sin = torch.cat(cos_chunks), torch.cat(sin_chunks)
+
+    @contextlib.contextmanager
+    def decoding(self):
+        """Within: on the CPU, batch-1 matrix products read per-core copies of the weights
+        (see Linear), made by the first open context and dropped when the last one closes,
+        so the weights must not change inside (generations may interleave: serve)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        self.decode_depth += 1
+        try:
+            if self.decode_depth == 1 and self.lm_head.weight.device.type == "cpu":
+                with torch.no_grad():
+                    for linear in linears:
+                        linear.make_decode_copy(torch.get_num_threads())
+            yield
+        finally:
+            self.decode_depth -= 1
+            if self.decode_depth == 0:
+                for linear in linears:
+                    linear.decode_copy = None
 
     @torch.no_grad()
     def attention_maps(self, idx) -> torch.Tensor:
