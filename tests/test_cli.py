@@ -67,9 +67,15 @@ def test_prepare_and_train(trained):
 def test_eval_json(trained):
     result = assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--json", "--device", "cpu"))
     values = json.loads(result.stdout)
-    assert set(values) == {"loss", "bits_per_char", "perplexity", "characters"}
+    assert set(values) == {"loss", "bits_per_char", "perplexity", "characters", "stride"}
     assert values["bits_per_char"] == pytest.approx(values["loss"] / math.log(2), rel=1e-9)
     assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-9)
+    block_size = json.loads((trained.run / "config.json").read_text())["model"]["block_size"]
+    assert values["stride"] == block_size  # by default, consecutive windows
+    strided = json.loads(assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--json", "--device", "cpu",
+                                           "--stride", "3")).stdout)
+    assert strided["stride"] == 3 and strided["characters"] == values["characters"]
+    assert strided["loss"] != values["loss"]  # more context per character: a different score
     assert values["characters"] == read_meta(trained.data)["val_tokens"] - 1  # every character after the first
     assert 0 < values["loss"] < math.log(read_meta(trained.data)["vocab_size"]) + 1
     assert result.stderr == ""
