@@ -38,6 +38,14 @@ class EvalResult:
         return asdict(self)
 
 
+def window_losses(model: GPT, tokens: np.ndarray, starts: np.ndarray, length: int,
+                  device: torch.device | str) -> torch.Tensor:
+    """The loss of each of the `length` predictions of the windows starting at `starts`: (B, length)."""
+    window = gather_windows(tokens, starts, length + 1).to(device)  # (B, T+1)
+    logits, _ = model(window[:, :-1])
+    return F.cross_entropy(logits.float().transpose(1, 2), window[:, 1:], reduction="none")  # (B, T)
+
+
 @torch.no_grad()
 def evaluate_tokens(
     model: GPT, tokens: np.ndarray, batch_size: int = 32, device: torch.device | str = "cpu",
@@ -57,22 +65,18 @@ def evaluate_tokens(
     total = 0.0
     windows = np.arange(0, predicted - block + 1, stride)  # full windows' first characters
     for first in range(0, len(windows), batch_size):
-        starts = windows[first:first + batch_size]
-        window = gather_windows(tokens, starts, block + 1).to(device)  # (B, T+1)
-        logits, _ = model(window[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), window[:, 1:], reduction="none")  # (B, T)
-        total += losses[:, skip:].sum().item()
+        losses = window_losses(model, tokens, windows[first:first + batch_size], block, device)  # (B, T)
+        scored = losses[:, skip:]
+        total += scored.sum().item()
         if first == 0:
             total += losses[0, :skip].sum().item()  # the split's first window scores all it predicts
         if progress is not None:
-            progress(losses[:, skip:].numel() + (skip if first == 0 else 0))
+            progress(scored.numel() + (skip if first == 0 else 0))
     covered = int(windows[-1]) + block if len(windows) else 0  # predictions made so far
     if covered < predicted:  # the rest, fewer than stride: a last, shorter window
         start = max(0, covered - skip)
-        window = torch.from_numpy(np.asarray(tokens[start:]).astype(np.int64)).to(device)[None]
-        logits, _ = model(window[:, :-1])
-        losses = F.cross_entropy(logits.float()[0], window[0, 1:], reduction="none")
-        total += losses[covered - start:].sum().item()
+        losses = window_losses(model, tokens, np.array([start]), predicted - start, device)  # (1, T')
+        total += losses[0, covered - start:].sum().item()
         if progress is not None:
             progress(predicted - covered)
     loss = total / predicted
