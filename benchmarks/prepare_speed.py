@@ -1,15 +1,21 @@
-"""Preparation speed and memory: `tinygpt.data.prepare` on a generated corpus.
+"""Preparation speed and memory: `tinygpt.data.prepare` on a generated corpus, by decoding method.
 
-    .venv/bin/python benchmarks/prepare_speed.py                 # ~200 MiB of each default kind
+    .venv/bin/python benchmarks/prepare_speed.py                 # both methods, ~200 MiB of each kind
     .venv/bin/python benchmarks/prepare_speed.py --size-mb 2048 --kinds mixed --repeats 1
-    .venv/bin/python benchmarks/prepare_speed.py --src /tmp/old/src --src src   # A/B two versions
+    .venv/bin/python benchmarks/prepare_speed.py --methods as-is --src /tmp/old/src --src src   # A/B two trees
+
+`--methods plain,vectorised` (the default) runs each kind under both of `tinygpt.utf8`'s
+decoding methods: `plain` (Python's decoder, `np.frombuffer(text.encode("utf-32-le"),
+np.uint32)`, a lookup table) and `vectorised` (ASCII not decoded, multi-byte characters of
+ASCII-heavy chunks decoded with array operations, everything else as plain). `as-is` leaves the
+tree's default, for trees older than `tinygpt.utf8`.
 
 The corpus is random words written into several files: `ascii` is pure ASCII; `mixed` is
 ASCII-heavy text where about one word in 25 is taken from other scripts (accented Latin, Greek,
 Cyrillic, a few CJK, Arabic, Hebrew, Devanagari, Thai, Hangul) or is an emoji, so every chunk
 holds multi-byte UTF-8 (about 4 % of the bytes); `wide` adds CJK words over 300 ideographs, so
-the vocabulary outgrows uint8 and ids are uint16; `cjk` (not run by default) is mostly CJK, the
-opposite of ASCII-heavy. Generating the corpus is not timed.
+the vocabulary outgrows uint8 and ids are uint16; `cjk` is mostly CJK, the opposite of
+ASCII-heavy. Generating the corpus is not timed.
 
 Each prepare runs in a fresh child process. MB/s is corpus bytes over the wall time of
 `prepare()` (both passes, fsync included, imports excluded); the corpus is read through once
@@ -17,7 +23,13 @@ before each run, so the run finds it in the page cache (`--cold` skips that). MB
 corpus bytes over the child's CPU time (user + system) in `prepare()`: on a shared, busy
 machine it shows what one free core would do. Peak RSS is the child's ru_maxrss; peak RssAnon
 (heap and other anonymous memory, not file pages) is sampled from /proc/<pid>/status every few
-milliseconds. With several `--src` trees the runs alternate A B A B, so the ratio is fair on a noisy machine.
+milliseconds. The variants (every method under every `--src` tree) take turns, the order
+reversed every other round (A B, B A, A B, ...; use an even `--repeats`), so that the ratio is
+fair on a noisy machine: `ratio` is the first variant's median time over this one's (above 1 =
+faster than the first), for wall and for CPU time, with the lowest and highest per-round ratio.
+The output is deleted and synced to disk between runs: without that, the CPU time of the same
+variant alternated high, low, high from run to run here (the file system freeing the last
+run's blocks during the next, it seems).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -114,6 +127,9 @@ def generate_corpus(directory: Path, size_mb: float, kind: str, files: int, seed
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
+if sys.argv[4] != "as-is":
+    import tinygpt.utf8
+    tinygpt.utf8.METHOD = sys.argv[4]
 from tinygpt.data import prepare
 start, cpu_start = time.perf_counter(), time.process_time()
 report = prepare([sys.argv[2]], sys.argv[3], progress=False)
@@ -121,6 +137,14 @@ seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_st
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "vocab": len(report.vocab),
                   "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
+
+
+class Variant(NamedTuple):
+    src: Path
+    method: str
+
+    def label(self, several_sources: bool) -> str:
+        return f"{self.method} {str(self.src)[-24:]}" if several_sources else self.method
 
 
 def _rss_anon_kb(pid: int) -> int | None:
@@ -143,10 +167,11 @@ def read_through(corpus: Path) -> None:
                 pass
 
 
-def run_prepare(src: Path, corpus: Path, out: Path) -> dict:
-    """Prepare `corpus` into `out` with the tinygpt found under `src`, in a child process."""
+def run_prepare(variant: Variant, corpus: Path, out: Path) -> dict:
+    """Prepare `corpus` into `out` with the tinygpt found under `variant.src`, in a child process."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(src), str(corpus), str(out)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, str(variant.src), str(corpus), str(out), variant.method],
+        stdout=subprocess.PIPE, text=True,
     )
     peak_anon = None
     while child.poll() is None:
@@ -156,20 +181,110 @@ def run_prepare(src: Path, corpus: Path, out: Path) -> dict:
         time.sleep(0.005)
     output = child.stdout.read()
     if child.returncode != 0:
-        raise SystemExit(f"prepare failed under {src} (exit {child.returncode})")
+        hint = "; a tree without tinygpt.utf8 needs --methods as-is" if variant.method != "as-is" else ""
+        raise SystemExit(f"prepare failed under {variant.src} with method {variant.method} "
+                         f"(exit {child.returncode}){hint}")
     result = json.loads(output.strip().splitlines()[-1])
     result["peak_rss_anon_kb"] = peak_anon
     result["dtype"] = json.loads((out / "meta.json").read_text(encoding="utf-8"))["dtype"]
     return result
 
 
-def main() -> None:
+def cpu_description() -> str:
+    """The CPU's model name, family and model from /proc/cpuinfo (what `lscpu` shows)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown CPU"
+    return (f"{fields.get('model name', 'unknown CPU')}, family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}, {os.cpu_count()} CPU(s)")
+
+
+def measure_kind(kind: str, args: argparse.Namespace, variants: list[Variant], workdir: Path) -> list[dict]:
+    """Generate one corpus kind, prepare it `args.repeats` times under each variant in turn and
+    return one summary row per variant."""
+    corpus = workdir / f"corpus-{kind}"
+    start = time.perf_counter()
+    corpus_bytes = generate_corpus(corpus, args.size_mb, kind, args.files)
+    os.sync()  # write the corpus out now, not while prepare is being timed
+    print(f"generated {corpus_bytes / 1e6:.0f} MB of {kind} text in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    runs: dict[Variant, list[dict]] = {variant: [] for variant in variants}
+    for repeat in range(args.repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            out = workdir / "out"
+            if not args.cold:
+                read_through(corpus)
+            result = run_prepare(variant, corpus, out)
+            shutil.rmtree(out)
+            os.sync()  # free the output's blocks now, not during the next run
+            runs[variant].append(result)
+            print(f"  {kind} run {repeat + 1} {variant.label(True)}: {result['seconds']:.2f} s, "
+                  f"{result['cpu_seconds']:.2f} CPU s", file=sys.stderr)
+    shutil.rmtree(corpus)
+    return summarise(kind, corpus_bytes / 1e6, runs, len({v.src for v in variants}) > 1)
+
+
+def summarise(kind: str, corpus_mb: float, runs: dict[Variant, list[dict]], several_sources: bool) -> list[dict]:
+    """One row per variant: MB/s of wall time and of CPU time (median and range), and the speed
+    relative to the first variant, from the medians and from each round's pair of runs."""
+    baseline = next(iter(runs.values()))
+    rows = []
+    for variant, results in runs.items():
+        row = {"kind": kind, "variant": variant.label(several_sources), "src": str(variant.src),
+               "method": variant.method, "corpus_mb": corpus_mb,
+               "vocab": results[0]["vocab"], "dtype": results[0]["dtype"]}
+        for key, name in (("seconds", "mb_per_s"), ("cpu_seconds", "mb_per_cpu_s")):
+            seconds = [r[key] for r in results]
+            per_round = [b[key] / r[key] for b, r in zip(baseline, results, strict=True)]
+            row[key] = seconds
+            row[f"{name}_median"] = corpus_mb / statistics.median(seconds)
+            row[f"{name}_low"], row[f"{name}_high"] = corpus_mb / max(seconds), corpus_mb / min(seconds)
+            row[f"{name}_ratio"] = statistics.median(b[key] for b in baseline) / statistics.median(seconds)
+            row[f"{name}_ratio_low"], row[f"{name}_ratio_high"] = min(per_round), max(per_round)
+        anon = [r["peak_rss_anon_kb"] for r in results if r["peak_rss_anon_kb"] is not None]
+        row["peak_rss_mb"] = max(r["max_rss_kb"] for r in results) / 1024
+        row["peak_rss_anon_mb"] = max(anon) / 1024 if anon else None
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], repeats: int) -> None:
+    print(f"prepare on {cpu_description()}; {repeats} run(s) per variant, MB = 10^6 bytes, MiB for memory")
+    print("MB/s: median (lowest..highest run); ratio: median speed over the first variant's (lowest..highest round)")
+    width = max(11, *(len(row["variant"]) for row in rows))
+    header = (f"{'kind':<6} {'variant':<{width}} {'MB':>5} {'vocab':>5} {'dtype':>6} "
+              f"{'wall MB/s':>15} {'wall ratio':>16} {'CPU MB/s':>15} {'CPU ratio':>16} "
+              f"{'RSS MiB':>7} {'RssAnon MiB':>11}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        cells = []
+        for name in ("mb_per_s", "mb_per_cpu_s"):
+            low, high, median = (row[f"{name}_{end}"] for end in ("low", "high", "median"))
+            cells.append(f"{median:.0f} ({low:.0f}..{high:.0f})")
+            low, high, median = (row[f"{name}_ratio{end}"] for end in ("_low", "_high", ""))
+            cells.append(f"{median:.2f} ({low:.2f}..{high:.2f})")
+        anon = f"{row['peak_rss_anon_mb']:.0f}" if row["peak_rss_anon_mb"] is not None else "n/a"
+        print(f"{row['kind']:<6} {row['variant']:<{width}} {row['corpus_mb']:>5.0f} {row['vocab']:>5} "
+              f"{row['dtype']:>6} {cells[0]:>15} {cells[1]:>16} {cells[2]:>15} {cells[3]:>16} "
+              f"{row['peak_rss_mb']:>7.0f} {anon:>11}")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=200, help="corpus size in MiB (default 200)")
-    parser.add_argument("--kinds", default="ascii,mixed,wide",
+    parser.add_argument("--kinds", default="ascii,mixed,wide,cjk",
                         help="comma-separated corpus kinds: " + "; ".join(f"{k}: {v[0]}" for k, v in KINDS.items()))
+    parser.add_argument("--methods", default="plain,vectorised",
+                        help="comma-separated decoding methods of tinygpt.utf8 (plain, vectorised), or as-is "
+                             "for the tree's default (default: plain,vectorised; ratios are against the first)")
     parser.add_argument("--files", type=int, default=8, help="number of files the corpus is split into")
-    parser.add_argument("--repeats", type=int, default=2, help="prepare runs per kind and source tree")
+    parser.add_argument("--repeats", type=int, default=6, help="prepare runs per kind and variant (default 6)")
     parser.add_argument("--src", action="append", type=Path,
                         help="source tree holding the tinygpt package (repeat to compare; default src/)")
     parser.add_argument("--workdir", type=Path, help="where to write the corpus (default: a temporary directory)")
@@ -177,65 +292,30 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="do not read the corpus through before each run (it may then come from disk)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     sources = [s.resolve() for s in (args.src or [ROOT / "src"])]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = [Variant(src, method) for src in sources for method in methods]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise SystemExit(f"unknown corpus kind(s): {', '.join(unknown)}")
 
     workdir = Path(tempfile.mkdtemp(prefix="tinygpt-prepare-", dir=args.workdir))
-    rows = []
     try:
-        for kind in kinds:
-            corpus = workdir / f"corpus-{kind}"
-            start = time.perf_counter()
-            corpus_bytes = generate_corpus(corpus, args.size_mb, kind, args.files)
-            os.sync()  # write the corpus out now, not while prepare is being timed
-            print(f"generated {corpus_bytes / 1e6:.0f} MB of {kind} text in {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr)
-            runs: dict[Path, list[dict]] = {src: [] for src in sources}
-            for repeat in range(args.repeats):
-                for src in sources:  # alternate A B A B
-                    out = workdir / "out"
-                    if not args.cold:
-                        read_through(corpus)
-                    result = run_prepare(src, corpus, out)
-                    shutil.rmtree(out)
-                    runs[src].append(result)
-                    print(f"  {kind} run {repeat + 1} {src}: {result['seconds']:.2f} s, "
-                          f"{result['cpu_seconds']:.2f} CPU s", file=sys.stderr)
-            for src, results in runs.items():
-                seconds = [r["seconds"] for r in results]
-                best = min(seconds)
-                anon = [r["peak_rss_anon_kb"] for r in results if r["peak_rss_anon_kb"] is not None]
-                rows.append({
-                    "kind": kind, "src": str(src), "corpus_mb": corpus_bytes / 1e6,
-                    "vocab": results[0]["vocab"], "dtype": results[0]["dtype"],
-                    "seconds_best": best, "seconds_median": statistics.median(seconds),
-                    "mb_per_s_best": corpus_bytes / 1e6 / best,
-                    "mb_per_s_median": corpus_bytes / 1e6 / statistics.median(seconds),
-                    "mb_per_cpu_s_best": corpus_bytes / 1e6 / min(r["cpu_seconds"] for r in results),
-                    "peak_rss_mb": max(r["max_rss_kb"] for r in results) / 1024,
-                    "peak_rss_anon_mb": max(anon) / 1024 if anon else None,
-                })
-            shutil.rmtree(corpus)
+        rows = [row for kind in kinds for row in measure_kind(kind, args, variants, workdir)]
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return
-    print(f"prepare on {os.cpu_count()} CPU(s); {args.repeats} run(s) each, MB = 10^6 bytes, MiB for memory")
-    header = (f"{'kind':<6} {'source':<28} {'corpus MB':>9} {'vocab':>6} {'dtype':>6} {'best s':>7} "
-              f"{'MB/s best':>9} {'MB/s med':>8} {'MB/CPU-s':>8} {'peak RSS MiB':>12} {'peak RssAnon MiB':>16}")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        anon = f"{row['peak_rss_anon_mb']:.0f}" if row["peak_rss_anon_mb"] is not None else "n/a"
-        print(f"{row['kind']:<6} {row['src'][-28:]:<28} {row['corpus_mb']:>9.0f} {row['vocab']:>6} {row['dtype']:>6} "
-              f"{row['seconds_best']:>7.2f} {row['mb_per_s_best']:>9.0f} {row['mb_per_s_median']:>8.0f} "
-              f"{row['mb_per_cpu_s_best']:>8.0f} "
-              f"{row['peak_rss_mb']:>12.0f} {anon:>16}")
+    else:
+        print_table(rows, args.repeats)
 
 
 if __name__ == "__main__":

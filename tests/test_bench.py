@@ -1,5 +1,6 @@
-"""`tinygpt bench` at tiny sizes, and the training fast paths it measures: the cheap CPU
-dropout mask and the explicit attention must change nothing but speed."""
+"""`tinygpt bench` at tiny sizes: every figure present, consistent with the FLOP formula,
+and measured on the same training step `tinygpt train` takes (the speed paths themselves
+are tested in test_speed.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import words_text, write_text
-from tinygpt import bench
+from tinygpt import bench, speed
 from tinygpt.cli import main
-from tinygpt.config import ConfigError, ModelConfig, get_preset
+from tinygpt.config import ConfigError, get_preset
 from tinygpt.data import prepare
-from tinygpt.hardware import Precision, cpu_prefers_explicit_attention
-from tinygpt.model import GPT, CausalSelfAttention, Dropout, dropout_mask
+from tinygpt.hardware import Precision
+from tinygpt.model import GPT
 from tinygpt.train import train
+
+
+def _plan(dtype: torch.dtype = torch.float32) -> speed.SpeedPlan:
+    reasons = dict.fromkeys(("attention", "dropout_mask", "decode_copies"), "test")
+    return speed.SpeedPlan(Precision(dtype, "test"), "sdpa", "torch", "on", reasons)
 
 TINY = dict(batch_size=2, repeats=1, warmup=1, generation_tokens=5, generation_repeats=1,
             prepare_megabytes=0.02, matmul_size=64)
@@ -59,9 +64,8 @@ def test_bench_figures_follow_the_flop_formula():
     model_config, train_config = get_preset("tiny")
     model_config.vocab_size = 20
     ceilings = {"float32": 1e9, "bfloat16": 4e9}
-    figures = bench.measure_training(model_config, train_config, torch.device("cpu"),
-                                     Precision(torch.float32, "float32: test"), ceilings, batch_size=2,
-                                     repeats=2, warmup=0)
+    figures = bench.measure_training(model_config, train_config, torch.device("cpu"), _plan(), ceilings,
+                                     batch_size=2, repeats=2, warmup=0)
     model = GPT(model_config)
     L, C, T = model_config.n_layer, model_config.n_embd, model_config.block_size
     assert figures.flops_per_token == 6 * model.matmul_parameters() + 12 * L * C * T
@@ -74,7 +78,7 @@ def test_bench_figures_follow_the_flop_formula():
 def test_bench_table_names_the_formula_and_the_precision():
     result = bench.run_bench(preset="tiny", device="cpu", dtype="float32", **TINY)
     table = bench.format_table(result)
-    assert "6N + 12*L*C*T" in table and "float32: requested" in table
+    assert "6N + 12*L*C*T" in table and "float32: as configured" in table
     assert "with KV cache" in table and "MB/s" in table
 
 
@@ -100,96 +104,41 @@ def test_bench_measures_a_trained_run(tmp_path):
     assert result.generation["cached_tokens_per_second"] > 0
 
 
+def test_bench_times_the_training_step_of_train(monkeypatch):
+    """bench calls train.train_step itself: gradient accumulation and the learning rate included."""
+    import tinygpt.train
+
+    calls = []
+    real = tinygpt.train.train_step
+
+    def recording(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(tinygpt.train, "train_step", recording)
+    model_config, train_config = get_preset("tiny")
+    model_config.vocab_size = 20
+    train_config.grad_accum, train_config.learning_rate = 2, 0.0  # lr 0: the weights must not move
+    torch.manual_seed(0)
+    model = GPT(model_config)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    step = bench.training_step(model, train_config, Precision(torch.float32, "test"), torch.device("cpu"), 4)
+    step()
+    assert len(calls) == 1 and calls[0][3].grad_accum == 2 and calls[0][-1] == 0.0
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
 def test_bench_leaves_the_thread_count_as_it_was():
     before = torch.get_num_threads()
     bench.run_bench(preset="tiny", device="cpu", threads=1, **TINY)
     assert torch.get_num_threads() == before
 
 
-# ----------------------------------------------------------------------------- fast paths
-
-
-def test_dropout_mask_rate_scale_and_dtype():
-    torch.manual_seed(0)
-    for p, dtype in ((0.2, torch.float32), (0.5, torch.bfloat16), (0.05, torch.float32)):
-        mask = dropout_mask(torch.Size([300, 1000]), p, dtype)
-        assert mask.dtype == dtype and mask.shape == (300, 1000)
-        dropped = (mask == 0).float().mean().item()
-        assert abs(dropped - p) < 0.005, (p, dropped)
-        kept_value = 65536 / (65536 - round(p * 65536))
-        values = mask.unique().float()
-        assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(kept_value, rel=1e-2)
-        assert mask.float().mean().item() == pytest.approx(1.0, abs=0.01)
-
-
-def test_dropout_is_identity_in_eval_and_at_zero_and_seeded():
-    x = torch.randn(4, 8, 16)
-    layer = Dropout(0.3)
-    assert torch.equal(layer.eval()(x), x)
-    assert torch.equal(Dropout(0.0).train()(x), x)
-    layer.train()
-    torch.manual_seed(3)
-    a = layer(x)
-    torch.manual_seed(3)
-    b = layer(x)
-    assert torch.equal(a, b) and not torch.equal(a, x)
-    kept = a != 0
-    assert torch.allclose(a[kept], x[kept] / 0.7, rtol=1e-4)
-
-
-def test_explicit_attention_matches_sdpa():
-    torch.manual_seed(0)
-    config = ModelConfig(n_embd=32, n_head=4, block_size=16, dropout=0.0)
-    attention = CausalSelfAttention(config)
-    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(attention.explicit_attention(q, k, v, None, True), expected, atol=1e-5)
-    window = torch.ones(16, 16, dtype=torch.bool).tril() & ~torch.ones(16, 16, dtype=torch.bool).tril(-4)
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=window)
-    assert torch.allclose(attention.explicit_attention(q, k, v, window, False), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("preset", ["seed", "gpt"])
-def test_training_forward_is_the_same_function_on_either_attention_path(preset):
-    """With dropout off, the explicit path (taken in training) and SDPA agree to 1e-5 in fp32."""
-    model_config, _ = get_preset(preset)
-    model_config.vocab_size, model_config.n_layer, model_config.dropout = 30, 2, 0.0
-    torch.manual_seed(0)
-    model = GPT(model_config).train()
-    x = torch.randint(0, 30, (3, model_config.block_size))
-    with torch.no_grad():  # no backward to pay for: SDPA
-        sdpa_logits, _ = model(x)
-    for block in model.blocks:
-        block.attn.record_attention = True  # forces the explicit path
-    explicit_logits, _ = model(x)
-    assert torch.allclose(explicit_logits, sdpa_logits, atol=1e-5)
-
-
-def test_training_with_dropout_stays_causal():
-    model_config, _ = get_preset("seed")
-    model_config.vocab_size, model_config.n_layer = 30, 2
-    model = GPT(model_config).train()
-    x = torch.randint(0, 30, (2, 64))
-    changed = x.clone()
-    changed[:, 40:] = (changed[:, 40:] + 1) % 30
-    torch.manual_seed(7)
-    a, _ = model(x)
-    torch.manual_seed(7)
-    b, _ = model(changed)
-    assert torch.equal(a[:, :40], b[:, :40]) and not torch.equal(a[:, 40:], b[:, 40:])
-
-
-def test_attention_choice_is_measured_once_per_dtype():
-    first = cpu_prefers_explicit_attention(torch.float32)
-    assert isinstance(first, bool) and cpu_prefers_explicit_attention(torch.float32) is first
-
-
 @pytest.mark.slow
 def test_compiled_training_runs_on_cpu():
     model_config, train_config = get_preset("tiny")
     model_config.vocab_size, model_config.dropout = 20, 0.1
-    figures = bench.measure_training(model_config, train_config, torch.device("cpu"),
-                                     Precision(torch.bfloat16, "bfloat16: test"),
+    figures = bench.measure_training(model_config, train_config, torch.device("cpu"), _plan(torch.bfloat16),
                                      {"float32": 1e9, "bfloat16": 1e9}, batch_size=2, repeats=1, warmup=1,
                                      compile=True)
     assert figures.compiled and figures.tokens_per_second > 0

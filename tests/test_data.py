@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import tinygpt.data
+import tinygpt.errors
+import tinygpt.utf8
 from helpers import MIXED_TEXT, expected_split, read_meta, read_split, write_text
-from tinygpt.data import DataError, get_batch, load_tokens, prepare
+from tinygpt.data import BatchSampler, DataError, get_batch, load_tokens, prepare
 
 GOOD_FILES = {
     "a.txt": "Hello, world! Ça va? Déjà vu.\nnaïve café 😀\n" * 3,
@@ -239,6 +241,44 @@ def test_load_tokens_checks_the_directory(tmp_path):
         load_tokens(tmp_path, "train")
 
 
+def test_data_error_is_the_shared_type():
+    assert DataError is tinygpt.errors.DataError
+    assert issubclass(DataError, tinygpt.errors.TinyGPTError)
+
+
+def test_batch_sampler_draws_one_seeded_stream():
+    """The window starts are torch.randint from a generator seeded with `seed`, call after
+    call, so a run resumed from the saved generator state sees the same batches."""
+    tokens = np.arange(1000, dtype=np.uint16)  # a token's value is its position
+    sampler = BatchSampler(tokens, block_size=16, seed=7)
+    reference = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x, y = sampler.next(8, torch.device("cpu"))
+        starts = torch.randint(0, 1000 - 16, (8,), generator=reference)
+        assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 0], starts)
+        assert torch.equal(x, starts[:, None] + torch.arange(16))  # contiguous windows
+        assert torch.equal(y, x + 1)  # targets are the next characters
+
+    state = sampler.generator.get_state()
+    expected = sampler.next(8, torch.device("cpu"))
+    resumed = BatchSampler(tokens, block_size=16, seed=0)
+    resumed.generator.set_state(state)
+    got = resumed.next(8, torch.device("cpu"))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_batch_sampler_ranks_split_the_same_global_batch():
+    tokens = np.arange(500, dtype=np.uint16)
+    whole_x, whole_y = BatchSampler(tokens, 8, seed=5).next(12, torch.device("cpu"))
+    for world_size in (2, 3, 4):
+        pieces = [BatchSampler(tokens, 8, seed=5, rank=rank, world_size=world_size).next(12, torch.device("cpu"))
+                  for rank in range(world_size)]
+        assert all(x.shape == (12 // world_size, 8) for x, _ in pieces)
+        assert torch.equal(torch.cat([x for x, _ in pieces]), whole_x)
+        assert torch.equal(torch.cat([y for _, y in pieces]), whole_y)
+
+
 def test_get_batch_windows():
     tokens = np.arange(200, dtype=np.uint8)
     x, y = get_batch(tokens, batch_size=6, block_size=10, generator=torch.Generator().manual_seed(0))
@@ -266,10 +306,12 @@ def random_bytes(rng: np.random.Generator, n_pieces: int, invalid_rate: float) -
     return b"".join(pieces)
 
 
+@pytest.mark.parametrize("method", tinygpt.utf8.METHODS)
 @pytest.mark.parametrize("chunk_bytes", [None, 4, 5, 8, 13])
-def test_decoding_matches_python_on_random_bytes(tmp_path, monkeypatch, chunk_bytes):
+def test_decoding_matches_python_on_random_bytes(tmp_path, monkeypatch, chunk_bytes, method):
     """Valid and invalid UTF-8 in random mixtures decode (replace) and fail (strict) exactly as
-    Python's own decoder does, whatever the read size."""
+    Python's own decoder does, whatever the read size and the decoding method."""
+    monkeypatch.setattr(tinygpt.utf8, "METHOD", method)
     if chunk_bytes is not None:
         monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(chunk_bytes or 0)

@@ -26,8 +26,7 @@ import torch
 import tinygpt.train
 from helpers import train_tiny
 from tinygpt import checkpoint
-from tinygpt.data import prepare
-from tinygpt.train import BatchSampler, Distributed
+from tinygpt.data import BatchSampler, prepare
 
 MAX_ITERS, EVAL_INTERVAL = 24, 8
 SETTINGS = {"dtype": "float32", "dropout": 0.0, "eval_iters": 2, "eval_interval": EVAL_INTERVAL}
@@ -101,9 +100,9 @@ def _assert_same_run(run_dir: Path, reference_dir: Path) -> float:
 
 def test_ranks_slice_one_global_batch():
     tokens = np.arange(1000, dtype=np.uint16)
-    whole, _ = BatchSampler(tokens, 8, seed=5, world=Distributed()).next(12, torch.device("cpu"))
+    whole, _ = BatchSampler(tokens, 8, seed=5).next(12, torch.device("cpu"))
     for world_size in (2, 3, 4):
-        slices = [BatchSampler(tokens, 8, seed=5, world=Distributed(rank, world_size)).next(12, torch.device("cpu"))[0]
+        slices = [BatchSampler(tokens, 8, seed=5, rank=rank, world_size=world_size).next(12, torch.device("cpu"))[0]
                   for rank in range(world_size)]
         assert torch.equal(torch.cat(slices), whole)
 

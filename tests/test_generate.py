@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from helpers import assert_ok, run_cli, words_text, write_text
+from tinygpt import speed
 from tinygpt.config import ModelConfig, get_preset
 from tinygpt.data import prepare
-from tinygpt.generate import generate_ids, sample_next
-from tinygpt.model import GPT, KVCache
+from tinygpt.generate import KVCache, generate_ids, sample_next
+from tinygpt.model import GPT
 from tinygpt.train import train
 
 BLOCK = 16
@@ -116,11 +117,11 @@ def test_cache_changes_nothing_with_the_decode_product_split_over_threads(positi
     try:
         cached = generate(model, [1, 2, 3], 5 * BLOCK, seed=7, use_cache=True, **PLAIN)
         uncached = generate(model, [1, 2, 3], 5 * BLOCK, seed=7, use_cache=False, **PLAIN)
-        with model.decoding():
-            assert model.blocks[0].mlp.up.decode_copy.size(0) == threads
+        with speed.decoding(model):
+            assert model.blocks[0].mlp.up.forward.copy.size(0) == threads
     finally:
         torch.set_num_threads(previous)
-    assert model.blocks[0].mlp.up.decode_copy is None  # dropped after the generation
+    assert "forward" not in model.blocks[0].mlp.up.__dict__  # dropped after the generation
     assert torch.equal(cached, uncached)
 
 

@@ -3,7 +3,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tinygpt.config import ConfigError, ModelConfig, TinyGPTError, TrainConfig, get_preset
 from tinygpt.evaluate import evaluate_tokens
@@ -274,52 +273,3 @@ def test_strided_evaluate_gives_each_character_its_rule_context(stride, length):
     for bad_stride in (0, block + 1):
         with pytest.raises(TinyGPTError, match="stride"):
             evaluate_tokens(model, tokens, stride=bad_stride)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_row_product_equals_linear(threads, bias):
-    """The decode-step product (a re-laid-out copy of the weight, one bmm) gives F.linear's
-    numbers for any thread count; outside decoding(), and with autograd, F.linear runs."""
-    from tinygpt.model import Linear
-
-    torch.manual_seed(0)
-    layer = Linear(48, 96, bias=bias)
-    x = torch.randn(1, 1, 48)
-    layer.make_decode_copy(threads)
-    assert layer.decode_copy.size(0) == (threads if 96 % threads == 0 else 1)
-    with torch.no_grad():
-        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        layer.decode_copy.zero_()  # proves which path runs
-        assert not torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
-    y = layer(x)  # with autograd: the plain path, gradients flow
-    assert torch.allclose(y, F.linear(x, layer.weight, layer.bias))
-    y.sum().backward()
-    assert layer.weight.grad is not None
-
-
-def test_decode_copies_live_only_inside_decoding():
-    """A fused AdamW step does not move a weight's version counter, so the copies cannot be
-    kept across generations: decoding() makes them and drops them, nested or interleaved."""
-    from tinygpt.model import Linear
-
-    model = GPT(small_config())
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    with model.decoding():
-        assert all(m.decode_copy is not None for m in linears)
-        with model.decoding():
-            pass
-        assert all(m.decode_copy is not None for m in linears)  # the outer context still holds them
-    assert all(m.decode_copy is None for m in linears)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    x = torch.randint(0, 23, (1, 1))
-    with torch.no_grad(), model.decoding():
-        before, _ = model(x)
-    model(torch.randint(0, 23, (4, 16)), torch.randint(0, 23, (4, 16)))[1].backward()
-    optimizer.step()
-    with torch.no_grad(), model.decoding():
-        after, _ = model(x)
-    with torch.no_grad():
-        plain, _ = model(x)
-    assert not torch.allclose(before, after)
-    assert torch.allclose(after, plain, rtol=1e-5, atol=1e-5)

@@ -30,17 +30,29 @@ def test_completes(client):
     assert completion.usage.prompt_tokens == 5 and completion.usage.completion_tokens == 40
     again = client.completions.create(model="tiny-run", prompt="To be", max_tokens=20, seed=4, n=2, temperature=0.7)
     assert [c.text for c in again.choices] == [c.text for c in completion.choices]
+    texts = [c.text for c in completion.choices]
+    assert texts[0] != texts[1]  # two samples, not one copied
+    other = client.completions.create(model="tiny-run", prompt="To be", max_tokens=20, seed=5, n=2, temperature=0.7)
+    assert [c.text for c in other.choices] != texts  # the seed is used
+    greedy = client.completions.create(model="tiny-run", prompt="To be", max_tokens=20, seed=4, n=2, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text and greedy.choices[0].text not in texts
 
 
 def test_streams_the_same_text(client):
-    options = {"model": "tiny-run", "prompt": "The sl", "max_tokens": 40, "seed": 9, "stop": ["\n\n"]}
-    whole = client.completions.create(**options).choices[0]
+    options = {"model": "tiny-run", "prompt": "The sl", "max_tokens": 40, "seed": 9}
+    unstopped = client.completions.create(**options).choices[0].text
+    stop = unstopped[20:23]  # a sequence the seeded text is known to contain
+    expected = unstopped[:unstopped.index(stop)]
+    assert len(expected) >= 5  # the stop cuts a text, not nothing
+    options["stop"] = [stop, "\n\n"]
+    whole = client.completions.create(**options)
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "stop"
     chunks = list(client.completions.create(**options, stream=True, stream_options={"include_usage": True}))
     text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
     assert len([chunk for chunk in chunks if chunk.choices]) >= len(text) // 2  # piece by piece
-    assert text == whole.text
-    assert [c.finish_reason for chunk in chunks for c in chunk.choices][-1] == whole.finish_reason
-    assert chunks[-1].usage.completion_tokens >= len(text)
+    assert text == expected
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices][-1] == "stop"
+    assert chunks[-1].usage == whole.usage
 
 
 def test_errors_arrive_as_openai_exceptions(client):

@@ -1,9 +1,10 @@
-"""The fast paths of `prepare` give exactly what Python's own UTF-8 decoder gives.
+"""Both decoding methods of `prepare` give exactly what Python's own UTF-8 decoder gives.
 
-`tinygpt.data` reads ASCII without decoding it, decodes the multi-byte characters of
-ASCII-heavy chunks with array operations, and hands chunks with invalid bytes (or mostly
-non-ASCII ones) to Python's incremental decoder. These tests hold every path to the reference,
-`bytes.decode`, on valid text, on every kind of invalid UTF-8, and across chunk boundaries.
+`tinygpt.utf8`'s vectorised method reads ASCII without decoding it, decodes the multi-byte
+characters of ASCII-heavy chunks with array operations, and hands chunks with invalid bytes (or
+mostly non-ASCII ones) to Python's incremental decoder, which the plain method uses for every
+chunk. These tests hold every path to the reference, `bytes.decode`, on valid text, on every
+kind of invalid UTF-8, and across chunk boundaries.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import tinygpt.data
+import tinygpt.utf8
 from helpers import expected_split, read_meta, read_split
 from tinygpt.data import DataError, prepare
 
@@ -56,20 +58,28 @@ def random_text(rng: np.random.Generator, n: int, non_ascii: float = 0.1) -> str
 
 
 def identity_tables() -> tuple[np.ndarray, bytes]:
-    """Tables under which `_encode` returns code points, not ids."""
+    """Tables under which `tinygpt.utf8.encode` returns code points, not ids."""
     return np.arange(tinygpt.data.MAX_CODE_POINT, dtype=np.uint32), bytes(range(128)) + bytes(128)
 
 
+@pytest.fixture(params=tinygpt.utf8.METHODS)
+def method(request, monkeypatch) -> str:
+    """Run the test under each decoding method."""
+    monkeypatch.setattr(tinygpt.utf8, "METHOD", request.param)
+    return request.param
+
+
 def decoded_by_chunks(path, errors: str = "strict") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Code points of the file as pass 2 would encode them, the per-code-point counts pass 1
-    would make, and which path each chunk took ("fast" or "python")."""
+    """Code points of the file as pass 2 would encode them (in chunks of
+    `tinygpt.data.CHUNK_BYTES`, as prepare reads), the per-code-point counts pass 1 would make,
+    and which path each chunk took ("fast" or "python")."""
     table, ascii_identity = identity_tables()
     pieces, paths = [], []
     counts = np.zeros(tinygpt.data.MAX_CODE_POINT, dtype=np.int64)
-    for chunk in tinygpt.data._decoded_chunks(path, errors):
-        paths.append("fast" if isinstance(chunk, tinygpt.data._Utf8Chunk) else "python")
-        pieces.append(tinygpt.data._encode(chunk, table, ascii_identity).astype(np.int64))
-        tinygpt.data._count_code_points(chunk, counts)
+    for chunk in tinygpt.utf8.decoded_chunks(path, errors, tinygpt.data.CHUNK_BYTES):
+        paths.append("fast" if isinstance(chunk, tinygpt.utf8.Utf8Chunk) else "python")
+        pieces.append(tinygpt.utf8.encode(chunk, table, ascii_identity).astype(np.int64))
+        tinygpt.utf8.count_code_points(chunk, counts)
     code_points = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     return code_points, counts, paths
 
@@ -84,7 +94,7 @@ def test_decode_multibyte_matches_python_on_valid_text():
         text = random_text(rng, int(rng.integers(0, 60)), non_ascii=0.3)
         raw = text.encode("utf-8")
         utf8 = np.frombuffer(raw, dtype=np.uint8)
-        decoded = tinygpt.data._decode_multibyte(utf8, int(np.count_nonzero(utf8 >= 0x80)))
+        decoded = tinygpt.utf8.decode_multibyte(utf8, int(np.count_nonzero(utf8 >= 0x80)))
         assert decoded is not None, raw
         leads, lengths, code_points = decoded
         multibyte = [(i, c) for i, c in enumerate(text) if ord(c) >= 0x80]
@@ -102,7 +112,7 @@ def test_decode_multibyte_rejects_what_python_rejects(bad, where):
     with pytest.raises(UnicodeDecodeError):
         raw.decode("utf-8")
     utf8 = np.frombuffer(raw, dtype=np.uint8)
-    assert tinygpt.data._decode_multibyte(utf8, int(np.count_nonzero(utf8 >= 0x80))) is None
+    assert tinygpt.utf8.decode_multibyte(utf8, int(np.count_nonzero(utf8 >= 0x80))) is None
 
 
 def test_decode_multibyte_agrees_with_python_on_random_bytes():
@@ -119,7 +129,7 @@ def test_decode_multibyte_agrees_with_python_on_random_bytes():
         n = int(rng.integers(1, 9))
         raw = bytes(rng.choice(interesting, size=n)) if rng.random() < 0.7 else rng.bytes(n)
         utf8 = np.frombuffer(raw, dtype=np.uint8)
-        decoded = tinygpt.data._decode_multibyte(utf8, int(np.count_nonzero(utf8 >= 0x80)))
+        decoded = tinygpt.utf8.decode_multibyte(utf8, int(np.count_nonzero(utf8 >= 0x80)))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -161,7 +171,7 @@ def test_ascii_chunks_and_dense_chunks_mix(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("chunk_bytes", [4, 5, 7, 1 << 20])
 @pytest.mark.parametrize("bad", INVALID_SEQUENCES[::3] + [b"\xe2\x82", b"\xf0\x9f\x98"])
-def test_invalid_bytes_at_every_offset(tmp_path, monkeypatch, chunk_bytes, bad):
+def test_invalid_bytes_at_every_offset(tmp_path, monkeypatch, method, chunk_bytes, bad):
     """Strict mode names Python's byte offset; replace mode gives Python's text and U+FFFD
     count, wherever the bad bytes fall relative to a chunk boundary."""
     monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
@@ -175,19 +185,19 @@ def test_invalid_bytes_at_every_offset(tmp_path, monkeypatch, chunk_bytes, bad):
             offset = e.start
         path = tmp_path / f"bad{shift}.txt"
         path.write_bytes(raw)
-        with pytest.raises(tinygpt.data._UndecodableFile) as info:
+        with pytest.raises(tinygpt.utf8.UndecodableFile) as info:
             decoded_by_chunks(path, "strict")
         assert info.value.offset == offset, (raw, shift)
 
-        tinygpt.data._replacements["count"] = 0
+        tinygpt.utf8.replacements["count"] = 0
         code_points, counts, _ = decoded_by_chunks(path, "replace")
         replaced = raw.decode("utf-8", "replace")
         assert code_points.tolist() == code_points_of(replaced).tolist(), raw
-        assert tinygpt.data._replacements["count"] == replaced.count("\ufffd"), raw
+        assert tinygpt.utf8.replacements["count"] == replaced.count("\ufffd"), raw
 
 
 @pytest.mark.parametrize("chunk_bytes", [4, 7])
-def test_prepare_strict_offset_and_replace_count(tmp_path, monkeypatch, chunk_bytes):
+def test_prepare_strict_offset_and_replace_count(tmp_path, monkeypatch, method, chunk_bytes):
     monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
     raw = "é日😀 fine ".encode() * 3 + b"\xed\xa0\x80" + " then 😀\xe2\x82".encode() + b"\xe2\x82"
     python_error = None
@@ -212,7 +222,7 @@ def test_prepare_strict_offset_and_replace_count(tmp_path, monkeypatch, chunk_by
 
 
 @pytest.mark.parametrize("distinct_ideographs", [10, 400])  # uint8 and uint16 token files
-def test_prepare_fast_path_ids(tmp_path, monkeypatch, distinct_ideographs):
+def test_prepare_fast_path_ids(tmp_path, monkeypatch, method, distinct_ideographs):
     monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", 64)
     rng = np.random.default_rng(3)
     ideographs = "".join(chr(0x4E00 + i) for i in range(distinct_ideographs))
@@ -229,6 +239,54 @@ def test_prepare_fast_path_ids(tmp_path, monkeypatch, distinct_ideographs):
     train, val = expected_split(texts, 0.25)
     assert read_split(tmp_path / "data", "train") == train
     assert read_split(tmp_path / "data", "val") == val
+
+
+@pytest.mark.parametrize("chunk_bytes", [5, 64, None])
+def test_plain_method_decodes_every_chunk_with_python(tmp_path, monkeypatch, chunk_bytes):
+    """The plain method (the benchmark's baseline) never takes the vectorised path, and reads
+    the same code points and counts as the vectorised one."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
+    text = "pure ascii first, " * 10 + random_text(np.random.default_rng(4), 500) + "😀"
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(text.encode("utf-8"))
+    vectorised = decoded_by_chunks(path)
+    monkeypatch.setattr(tinygpt.utf8, "METHOD", "plain")
+    code_points, counts, paths = decoded_by_chunks(path)
+    assert set(paths) == {"python"}
+    assert "fast" in vectorised[2]
+    assert code_points.tolist() == vectorised[0].tolist() == code_points_of(text).tolist()
+    assert np.array_equal(counts, vectorised[1])
+
+
+def test_both_methods_write_identical_files(tmp_path, monkeypatch):
+    """ASCII, ASCII-heavy, CJK and invalid (replaced) input: the same bytes out either way."""
+    monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", 256)
+    rng = np.random.default_rng(5)
+    raws = [b"ascii only\n" * 100, random_text(rng, 2000).encode(),
+            "日本語の文章です。".encode() * 40 + b"\xff\xe6\x97 tail", "x😀".encode() * 99 + b"\xf0\x9f"]
+    for i, raw in enumerate(raws):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.txt").write_bytes(raw)
+    outputs = {}
+    for name in tinygpt.utf8.METHODS:
+        monkeypatch.setattr(tinygpt.utf8, "METHOD", name)
+        out = tmp_path / name
+        prepare([str(tmp_path / "in")], out, encoding_errors="replace", val_fraction=0.2)
+        outputs[name] = [(out / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")]
+    train, val, meta = outputs["vectorised"]
+    assert outputs["plain"] == [train, val, meta]
+    replaced = [raw.decode("utf-8", "replace") for raw in raws]
+    assert read_meta(tmp_path / "plain")["replacements"] == 3  # \xff, \xe6\x97 and the cut-off \xf0\x9f
+    assert len(train) + len(val) == sum(len(text) for text in replaced)
+
+
+def test_an_unknown_method_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(tinygpt.utf8, "METHOD", "simd")
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="METHOD"):
+        list(tinygpt.utf8.decoded_chunks(path, "strict", 1024))
 
 
 def test_prepare_leaves_torch_threads_alone(tmp_path):

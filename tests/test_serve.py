@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -14,8 +16,10 @@ from fastapi.testclient import TestClient
 
 from serve_helpers import live_server, trained_run
 from tinygpt.cli import main
+from tinygpt.engine import Engine, Limits, PromptRejected
+from tinygpt.errors import ServerBusy, ServerOverloaded
 from tinygpt.generate import generate_text
-from tinygpt.serve import APIError, Choice, Engine, Limits, create_app
+from tinygpt.serve import Choice, create_app
 
 
 @pytest.fixture(scope="module")
@@ -215,21 +219,61 @@ def test_admission_queues_in_order_then_refuses(run_dir):
         await asyncio.sleep(0.01)
         second = asyncio.create_task(request("second", 0))
         await asyncio.sleep(0.01)
-        with pytest.raises(APIError) as refused:
+        with pytest.raises(ServerBusy) as refused:
             await request("third", 0)
         await asyncio.gather(first, second)
-        assert refused.value.status == 429 and "retry" in refused.value.message
-        # a slot held past the queue timeout: the waiter gets 503
+        assert "retry" in str(refused.value) and refused.value.retry_after == 1
+        # a slot held past the queue timeout: the waiter is told the server is overloaded
         blocker = asyncio.create_task(request("blocker", 1.0))
         await asyncio.sleep(0.01)
-        with pytest.raises(APIError) as timed_out:
+        with pytest.raises(ServerOverloaded) as timed_out:
             await request("late", 0)
-        assert timed_out.value.status == 503
+        assert "waited 0.3 s" in str(timed_out.value) and timed_out.value.retry_after == 5
         await blocker
         assert engine.active == 0 and not engine.waiters
 
     asyncio.run(scenario())
     assert order == ["first", "second", "blocker"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_refusals_at_admission_become_429_and_503_with_retry_after(run_dir, stream):
+    body = {"model": "tiny-run", "prompt": "To", "max_tokens": 5, "stream": stream}
+    for max_queue, status, kind, retry_after in ((0, 429, "rate_limit_error", "1"), (1, 503, "server_error", "5")):
+        app = create_app(run_dir, device="cpu", limits=Limits(max_active=1, max_queue=max_queue, queue_timeout=0.05))
+        engine = engine_of(app)
+        engine.active = 1  # the one slot is taken, as if by a request that never ends
+        with TestClient(app) as client:
+            response = client.post("/v1/completions", json=body)
+        assert response.status_code == status, response.text
+        assert response.headers["retry-after"] == retry_after
+        assert response.json()["error"]["type"] == kind
+        assert engine.active == 1 and not engine.waiters  # a refused request takes and leaves nothing
+
+
+def test_engine_rejects_prompts_with_a_typed_error_the_api_answers_as_400(app, client):
+    engine = engine_of(app)
+    with pytest.raises(PromptRejected, match="at most 500"):
+        engine.encode_prompt("a" * 501)
+    with pytest.raises(PromptRejected, match="prompt has characters not in the vocabulary: 'Z'"):
+        engine.encode_prompt("Zebra")
+    assert engine.encode_prompt("") == [engine.tokenizer.index["\n"]]
+    error = client.post("/v1/completions", json={"model": "tiny-run", "prompt": "Zebra"}).json()["error"]
+    assert error == {"message": "prompt has characters not in the vocabulary: 'Z'", "type": "invalid_request_error",
+                     "param": "prompt", "code": None}
+
+
+@pytest.mark.parametrize("module", ["tinygpt.engine", "tinygpt.playground"])
+def test_modules_import_on_their_own_and_the_engine_knows_no_http(module):
+    check = (f"import json, sys, {module}; "
+             "print(json.dumps(sorted(name for name in ('fastapi', 'pydantic', 'starlette') if name in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    web = json.loads(result.stdout)
+    if module == "tinygpt.engine":
+        assert web == []
+    else:
+        assert web == ["fastapi", "pydantic", "starlette"]
 
 
 def test_a_client_that_leaves_stops_its_generation_and_a_full_server_says_429(run_dir):
@@ -243,6 +287,7 @@ def test_a_client_that_leaves_stops_its_generation_and_a_full_server_says_429(ru
                 pass
             busy = http.post("/v1/completions", json={"model": "tiny-run", "prompt": "To"})
             assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+            assert busy.headers["retry-after"] == "1"
         deadline = time.monotonic() + 10
         while (health := http.get("/health").json())["active"] and time.monotonic() < deadline:
             time.sleep(0.05)

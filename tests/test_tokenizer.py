@@ -65,9 +65,13 @@ def test_save_and_load_json(tmp_path):
     assert loaded.encode(MIXED_TEXT) == tokenizer.encode(MIXED_TEXT)
 
 
-@pytest.mark.parametrize("chars", [["a", "a"], ["ab"], [chr(0x10000 + i) for i in range(MAX_VOCAB_SIZE + 1)]])
-def test_invalid_vocabularies(chars):
-    with pytest.raises(TinyGPTError):
+@pytest.mark.parametrize(("chars", "message"), [
+    (["a", "a"], "distinct single characters"),
+    (["ab"], "distinct single characters"),
+    ([chr(0x10000 + i) for i in range(MAX_VOCAB_SIZE + 1)], f"{MAX_VOCAB_SIZE + 1} symbols; at most {MAX_VOCAB_SIZE}"),
+], ids=["repeated", "two-character-symbol", "too-many"])
+def test_invalid_vocabularies(chars, message):
+    with pytest.raises(TinyGPTError, match=message):
         CharTokenizer(chars)
 
 

@@ -1,18 +1,36 @@
-"""tinyGPT: train a small character-level GPT on your own text, then sample from it."""
+"""tinyGPT: train a small character-level GPT on your own text, then sample from it.
 
-import os
+    import tinygpt
+    model, tokenizer = tinygpt.load("runs/demo")
+    print(tinygpt.generate(model, tokenizer, "ROMEO:", max_new_tokens=200, seed=1))
 
-# OpenMP threads that spin while they wait for a sibling thread are ruinous on a CPU shared
-# with other busy processes: the sibling is descheduled and every parallel op waits a time
-# slice. Measured on a loaded 2-core machine: training 10x and cached generation 90x slower
-# than with sleeping waits. It must be set before torch starts OpenMP; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+The names below load on first use, so `import tinygpt` (and the `tinygpt` command's
+--help and argument errors) does not wait for torch to import.
+"""
 
-from tinygpt.checkpoint import load_model as load
-from tinygpt.config import ModelConfig, TinyGPTError, TrainConfig, get_preset
-from tinygpt.generate import generate_text as generate
-from tinygpt.generate import stream_text
-from tinygpt.model import GPT
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "ModelConfig", "TrainConfig", "TinyGPTError", "get_preset", "load", "generate", "stream_text"]
+
+# public name -> (module, attribute)
+_EXPORTS = {
+    "GPT": ("tinygpt.model", "GPT"),
+    "ModelConfig": ("tinygpt.config", "ModelConfig"),
+    "TrainConfig": ("tinygpt.config", "TrainConfig"),
+    "get_preset": ("tinygpt.config", "get_preset"),
+    "TinyGPTError": ("tinygpt.errors", "TinyGPTError"),
+    "load": ("tinygpt.checkpoint", "load_model"),
+    "generate": ("tinygpt.generate", "generate_text"),
+    "stream_text": ("tinygpt.generate", "stream_text"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tinygpt' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+    # importing tinygpt.generate binds the module to the name `generate`; the function wins
+    globals()[name] = value
+    return value

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinygpt import speed
 from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset, train_config_from_dict
-from tinygpt.hardware import Precision, choose_precision, configure_backends, cpu_description, matmul_flops_per_second
-from tinygpt.model import GPT, CausalSelfAttention
+from tinygpt.hardware import Precision, configure_backends, cpu_description, matmul_flops_per_second
+from tinygpt.model import GPT
 
 FLOP_FORMULA = "FLOPs/token = 6N + 12*L*C*T (N matmul weights, L layers, C n_embd, T block_size)"
 BENCH_VOCAB_SIZE = 84  # presets have no vocabulary of their own; the seed configuration is measured at 84
@@ -61,25 +62,41 @@ def matmul_ceilings(device: torch.device, size: int | None = None, repeats: int 
             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
 
 
-def training_step(model: GPT, optimizers: list[torch.optim.Optimizer], config: TrainConfig,
-                  precision: Precision, device: torch.device, batch_size: int,
-                  step_model: torch.nn.Module | None = None) -> Callable[[], None]:
-    """One optimizer step on a fixed random batch, as the training loop makes it."""
-    block, vocab = model.config.block_size, model.config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (batch_size, block), generator=generator).to(device)
-    y = torch.randint(0, vocab, (batch_size, block), generator=generator).to(device)
+class FixedBatch:
+    """A batch sampler that hands out one random batch of ids again and again."""
+
+    def __init__(self, vocab_size: int, block_size: int):
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def next(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch is None or self.batch[0].size(0) != batch_size:
+            generator = torch.Generator().manual_seed(0)
+            shape = (batch_size, self.block_size)
+            self.batch = tuple(torch.randint(0, self.vocab_size, shape, generator=generator).to(device)
+                               for _ in range(2))
+        return self.batch
+
+
+def training_step(model: GPT, train_config: TrainConfig, precision: Precision, device: torch.device,
+                  batch_size: int, step_model: torch.nn.Module | None = None) -> Callable[[], None]:
+    """One iteration of `tinygpt train` (train.train_step: gradient accumulation, clipping,
+    the learning-rate update, the optimizer step) on a fixed random batch."""
+    from tinygpt.distributed import Distributed
+    from tinygpt.optim import build_optimizers
+    from tinygpt.train import train_step
+    from tinygpt.training_state import TrainingState
+
+    config = dataclasses.replace(train_config, batch_size=batch_size)
+    if batch_size % config.grad_accum:
+        config = dataclasses.replace(config, grad_accum=1)
+    state = TrainingState(model, build_optimizers(model, config, device),
+                          FixedBatch(model.config.vocab_size, model.config.block_size))
     step_model = model if step_model is None else step_model
+    world = Distributed()
 
     def step() -> None:
-        with precision.autocast(device):
-            _, loss = step_model(x, y)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        train_step(step_model, model, state, config, precision, device, world, config.learning_rate)
 
     return step
 
@@ -97,20 +114,18 @@ class TrainingFigures:
     fraction_of_bfloat16_ceiling: float
     fraction_of_used_precision_ceiling: float
     compiled: bool
-    attention: str
+    speed_paths: list[str]
 
 
 def measure_training(model_config: ModelConfig, train_config: TrainConfig, device: torch.device,
-                     precision: Precision, ceilings: dict[str, float], batch_size: int | None = None,
+                     plan: speed.SpeedPlan, ceilings: dict[str, float], batch_size: int | None = None,
                      repeats: int = 5, warmup: int = 2, compile: bool = False) -> TrainingFigures:
-    from tinygpt.train import build_optimizers
-
     batch_size = batch_size or train_config.batch_size
+    precision = plan.precision
     torch.manual_seed(0)
-    model = GPT(model_config).to(device).train()
-    optimizers = build_optimizers(model, train_config, device)
+    model = speed.apply(GPT(model_config).to(device).train(), plan)
     step_model = torch.compile(model) if compile else model
-    step = training_step(model, optimizers, train_config, precision, device, batch_size, step_model)
+    step = training_step(model, train_config, precision, device, batch_size, step_model)
     tokens = batch_size * model_config.block_size
     rate, runs = median_rate(tokens, step, repeats, warmup, device)
     flops_per_token = model.flops_per_token()
@@ -119,21 +134,8 @@ def measure_training(model_config: ModelConfig, train_config: TrainConfig, devic
     return TrainingFigures(
         batch_size, model_config.block_size, rate, runs, flops_per_token, model.matmul_parameters(), achieved,
         achieved / ceilings["float32"], achieved / ceilings["bfloat16"], achieved / used, compile,
-        training_attention(model_config, device, precision),
+        plan.describe()[1:],
     )
-
-
-def training_attention(model_config: ModelConfig, device: torch.device, precision: Precision) -> str:
-    """Which attention the model trains with here, and why (see CausalSelfAttention)."""
-    if device.type == "cuda":
-        return "SDPA (fused kernels)"
-    if model_config.dropout > 0:
-        return "explicit: SDPA has no fused kernel with dropout on this device"
-    with torch.enable_grad():
-        explicit = CausalSelfAttention.explicit_is_faster(device, precision.dtype, 0.0)
-    if explicit:
-        return f"explicit: timed faster than SDPA's flash kernel in {precision.name} on this CPU"
-    return f"SDPA: its flash kernel timed faster in {precision.name} on this {device.type}"
 
 
 def measure_generation(model: GPT, new_tokens: int = 1000, use_cache: bool = True,
@@ -201,6 +203,7 @@ class BenchResult:
     generation: dict[str, float] = field(default_factory=dict)
     preparation_mb_per_second: float | None = None
     flop_formula: str = FLOP_FORMULA
+    omp_wait_policy: str | None = None  # what the command chose, and why (omp.py)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,12 +257,13 @@ def _run_bench(preset, run_dir, device, batch_size, repeats, warmup, compile, ge
     device_ = resolve_device(device)
     configure_backends(device_)
     model_config, train_config, source, checkpoint_dir = configs_for(preset, run_dir)
-    precision = choose_precision(device_, dtype)
+    plan = speed.plan(device_, dataclasses.replace(train_config, dtype=dtype), model_config.dropout)
+    precision = plan.precision
 
     say("matmul ceilings")
     ceilings = matmul_ceilings(device_, matmul_size)
     say(f"training ({precision.name}{', compiled' if compile else ''})")
-    training = measure_training(model_config, train_config, device_, precision, ceilings, batch_size,
+    training = measure_training(model_config, train_config, device_, plan, ceilings, batch_size,
                                 repeats, warmup, compile)
 
     if checkpoint_dir is not None:
@@ -299,10 +303,11 @@ def format_table(result: BenchResult) -> str:
         ("source", result.source),
         ("device", f"{result.device}: {result.cpu}" + (f", {result.threads} threads" if threads_matter else "")),
         ("precision", result.precision_reason),
+        *((("OpenMP waits", result.omp_wait_policy),) if result.omp_wait_policy else ()),
         ("matmul ceiling fp32", f"{result.ceilings['float32'] / g_flops:,.0f} GFLOP/s"),
         ("matmul ceiling bf16", f"{result.ceilings['bfloat16'] / g_flops:,.0f} GFLOP/s"),
         ("training", f"batch {t.batch_size} x block {t.block_size}{', compiled' if t.compiled else ''}"),
-        ("  attention", t.attention),
+        *((f"  {line.split(':', 1)[0]}", line.split(":", 1)[1].strip()) for line in t.speed_paths),
         ("  tokens/s", f"{t.tokens_per_second:,.0f} (median; runs "
                        f"{min(t.tokens_per_second_runs):,.0f}..{max(t.tokens_per_second_runs):,.0f})"),
         ("  FLOPs/token", f"{t.flops_per_token:,} = 6 x {t.matmul_parameters:,} + 12 x L x C x T"),

@@ -24,20 +24,13 @@ import safetensors
 import safetensors.torch
 import torch
 
-from tinygpt.config import (
-    ModelConfig,
-    TinyGPTError,
-    model_config_from_dict,
-)
+from tinygpt.config import ModelConfig, model_config_from_dict
+from tinygpt.errors import CheckpointError
 from tinygpt.model import GPT
 from tinygpt.tokenizer import CharTokenizer
 
 FORMAT = "tinygpt-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(TinyGPTError):
-    """A missing, truncated, altered or foreign checkpoint."""
 
 
 def _fsync_directory(path: Path) -> None:
@@ -169,9 +162,14 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
 def load_model(
     run_dir: str | Path, name: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[GPT, CharTokenizer]:
-    """The model (in eval mode) and tokenizer of a run's `best` (else `last`) checkpoint."""
+    """The model (in eval mode) and tokenizer of a run's `best` (else `last`) checkpoint,
+    on the decode path the run recorded (speed.py; nothing is timed)."""
     name = name or best_or_last(run_dir)
     record = read_record(run_dir, name)
     model, tokenizer, _ = build_model(record)
     load_weights(model, load_tensors(run_dir, record, "model"))
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    recorded = (record.get("train_config") or {}).get("decode_copies", "auto")
+    if recorded in ("on", "off"):
+        model.decode_copies = recorded == "on"
+    return model, tokenizer

@@ -12,8 +12,14 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
-from tinygpt.config import PRESETS, PeerLost, TinyGPTError, apply_overrides, get_preset, known_keys
+from tinygpt import omp
+from tinygpt.config import PRESETS, apply_overrides, get_preset, known_keys
+from tinygpt.errors import PeerLost, TinyGPTError
+
+# commands whose speed depends on how OpenMP threads wait (omp.py), and which say what they chose
+TORCH_COMMANDS = ("train", "eval", "sample", "chat", "serve", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +39,19 @@ def cmd_prepare(args) -> int:
 
 
 def _configs(args):
-    model_config, train_config = get_preset(args.preset)
+    """The preset's configs with the command line's changes. Resuming without --preset starts
+    from the run's own configs instead; either way train refuses any change a continuing run
+    cannot make, naming the key."""
+    last = Path(args.out) / "last.json" if getattr(args, "resume", False) else None
+    if args.preset is None and last is not None and last.is_file():
+        from tinygpt.checkpoint import read_record
+        from tinygpt.config import model_config_from_dict, train_config_from_dict
+
+        record = read_record(args.out, "last")
+        model_config = model_config_from_dict(record["model_config"])
+        train_config = train_config_from_dict(record["train_config"])
+    else:
+        model_config, train_config = get_preset(args.preset or "cpu")
     apply_overrides(model_config, train_config, args.set or [])
     if getattr(args, "max_iters", None) is not None:
         train_config.max_iters = args.max_iters
@@ -48,6 +66,7 @@ def cmd_train(args) -> int:
     from tinygpt.train import train
 
     model_config, train_config = _configs(args)
+    print(args.threads_line)
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
                    progress=not args.no_progress)
     if result.val_loss is not None and result.rank == 0:
@@ -76,6 +95,8 @@ def cmd_eval(args) -> int:
               disable=args.json or args.no_progress, leave=False) as bar:
         result = evaluate_tokens(model, tokens, batch_size=args.batch_size, device=device, progress=bar.update,
                                  stride=args.stride)
+    if not args.json:
+        print(args.threads_line, file=sys.stderr)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -97,6 +118,8 @@ def cmd_sample(args) -> int:
     ):
         raise TinyGPTError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
     model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
+    tokenizer.encode(args.prompt)  # unknown characters: one line, before anything is printed
+    print(args.threads_line, file=sys.stderr)
     steps = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
                         use_cache=not args.no_cache)
@@ -167,6 +190,7 @@ def cmd_bench(args) -> int:
                        repeats=args.repeats, compile=args.compile, generation_tokens=args.new_tokens,
                        prepare_megabytes=args.prepare_mb, threads=args.threads, dtype=args.dtype,
                        matmul_size=args.matmul_size, progress=progress)
+    result.omp_wait_policy = args.threads_line.removeprefix("threads: ")
     print(json.dumps(result.as_dict()) if args.json else format_table(result))
     return 0
 
@@ -187,6 +211,7 @@ def cmd_serve(args) -> int:
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise TinyGPTError(f"--{name.replace('_', '-')} must be a positive number")
     limits = Limits(max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens)
+    print(args.threads_line, flush=True)
     serve(args.run_dir, host=args.host, port=args.port, device=args.device, limits=limits, threads=args.threads)
     return 0
 
@@ -197,6 +222,7 @@ def cmd_chat(args) -> int:
     from tinygpt.hardware import resolve_device
 
     model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
+    print(args.threads_line, file=sys.stderr)
     print(f"tinygpt chat: {args.run_dir}. Type the start of a text and press Enter; the model continues it.\n"
           "Ctrl-C stops a reply; Ctrl-D (or Ctrl-C at the prompt) quits.")
     for turn in range(1_000_000_000):
@@ -227,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tinygpt", description="Train, evaluate and sample small character-level GPTs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_training_commands(sub)
+    _add_sampling_commands(sub)
+    _add_serving_and_measuring_commands(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
     p = sub.add_parser("prepare", help="turn text files into token files")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files, directories, or 'shakespeare' (the built-in complete works)")
@@ -241,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--data", required=True, metavar="DATA_DIR")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    p.add_argument("--preset", choices=list(PRESETS), help="the starting configuration (default cpu)")
     p.add_argument("--max-iters", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help=f"override a config value; keys: {', '.join(known_keys())}")
@@ -265,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+
+def _add_sampling_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate text, streamed")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="")
@@ -286,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+
+
+def _add_serving_and_measuring_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API and a browser playground")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -325,11 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in TORCH_COMMANDS:
+        # before torch loads; said once the command is under way (errors stay one line)
+        args.threads_line = f"threads: {omp.set_for(args.command)}"
     try:
         return args.func(args)
     except TinyGPTError as e:

@@ -12,17 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tinygpt.errors import ConfigError, PeerLost, TinyGPTError
 
-class TinyGPTError(Exception):
-    """An error the user can cause and fix. The CLI prints it as one line."""
-
-
-class ConfigError(TinyGPTError):
-    """An impossible or unknown configuration."""
-
-
-class PeerLost(TinyGPTError):
-    """Another process of a distributed job died, hung or never arrived."""
+__all__ = ["ConfigError", "PeerLost", "TinyGPTError", "ModelConfig", "TrainConfig", "PRESETS", "get_preset"]
 
 
 @dataclass
@@ -41,6 +33,7 @@ class ModelConfig:
     activation: str = "gelu"  # "gelu" or "relu"
     positions: str = "learned"  # "learned" absolute embeddings or "rope" (rotary)
     tie_embeddings: bool = False  # share the token embedding with the LM head
+    scaled_residual_init: bool = True  # GPT-2's init: residual projections at 0.02 / sqrt(2 n_layer)
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -82,6 +75,11 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
     seed: int = 1337
+    # per-device speed paths (speed.py): "auto" is decided once when a run starts and the
+    # decision replaces it in the run's saved config, so a resume or a load never re-decides
+    attention: str = "auto"  # training attention: "sdpa" or "explicit" (matmuls + softmax)
+    dropout_mask: str = "auto"  # "torch" (nn.Dropout) or "bits16" (16 random bits per element)
+    decode_copies: str = "auto"  # batch-1 decoding from per-core weight copies: "on" or "off"
 
     def validate(self) -> None:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "grad_accum"):
@@ -109,6 +107,9 @@ class TrainConfig:
                 raise ConfigError(
                     f"optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("attention", self.attention, ("auto", "sdpa", "explicit"))
+        _check_choice("dropout_mask", self.dropout_mask, ("auto", "torch", "bits16"))
+        _check_choice("decode_copies", self.decode_copies, ("auto", "on", "off"))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -132,7 +133,7 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(
             block_size=64, n_layer=12, n_head=8, n_embd=384, dropout=0.2, bias=True,
             qkv_bias=False, lm_head_bias=True, norm="post", activation="relu",
-            positions="learned", tie_embeddings=False,
+            positions="learned", tie_embeddings=False, scaled_residual_init=False,
         ),
         TrainConfig(
             batch_size=256, learning_rate=3e-4, schedule="constant", warmup_iters=0,

@@ -51,6 +51,22 @@ def evaluate_tokens(
     model: GPT, tokens: np.ndarray, batch_size: int = 32, device: torch.device | str = "cpu",
     progress=None, stride: int | None = None,
 ) -> EvalResult:
+    """The loss over every prediction in `tokens` (see the module docstring)."""
+    stride = model.config.block_size if stride is None else stride
+    predicted = len(tokens) - 1
+    total = split_nats(model, tokens, batch_size, device, progress, stride)
+    loss = total / predicted
+    return EvalResult(loss, loss / math.log(2), math.exp(loss), predicted, stride)
+
+
+@torch.no_grad()
+def split_nats(
+    model: GPT, tokens: np.ndarray, batch_size: int = 32, device: torch.device | str = "cpu",
+    progress=None, stride: int | None = None, shard: tuple[int, int] = (0, 1),
+) -> float:
+    """The summed loss (nats) of every prediction in `tokens`; with shard=(rank, shards),
+    only that shard's share of the windows, so the shards' sums add up to the whole
+    (several processes split one evaluation this way). The model is in eval mode meanwhile."""
     block = model.config.block_size
     stride = block if stride is None else stride
     predicted = len(tokens) - 1
@@ -60,24 +76,28 @@ def evaluate_tokens(
         raise TinyGPTError(f"the evaluation batch size must be at least 1, got {batch_size}")
     if not 1 <= stride <= block:
         raise TinyGPTError(f"the stride must be between 1 and the block size ({block}), got {stride}")
+    rank, shards = shard
+    was_training = model.training
     model.eval()
     skip = block - stride  # a window's first predictions, already made by the one before
     total = 0.0
     windows = np.arange(0, predicted - block + 1, stride)  # full windows' first characters
-    for first in range(0, len(windows), batch_size):
-        losses = window_losses(model, tokens, windows[first:first + batch_size], block, device)  # (B, T)
+    mine = windows[rank::shards]
+    for first in range(0, len(mine), batch_size):
+        losses = window_losses(model, tokens, mine[first:first + batch_size], block, device)  # (B, T)
         scored = losses[:, skip:]
         total += scored.sum().item()
-        if first == 0:
-            total += losses[0, :skip].sum().item()  # the split's first window scores all it predicts
+        opens_split = rank == 0 and first == 0  # the split's first window scores all it predicts
+        if opens_split:
+            total += losses[0, :skip].sum().item()
         if progress is not None:
-            progress(scored.numel() + (skip if first == 0 else 0))
-    covered = int(windows[-1]) + block if len(windows) else 0  # predictions made so far
-    if covered < predicted:  # the rest, fewer than stride: a last, shorter window
+            progress(scored.numel() + (skip if opens_split else 0))
+    covered = int(windows[-1]) + block if len(windows) else 0  # predictions the full windows make
+    if covered < predicted and rank == shards - 1:  # the rest, fewer than stride: a last, shorter window
         start = max(0, covered - skip)
         losses = window_losses(model, tokens, np.array([start]), predicted - start, device)  # (1, T')
         total += losses[0, covered - start:].sum().item()
         if progress is not None:
             progress(predicted - covered)
-    loss = total / predicted
-    return EvalResult(loss, loss / math.log(2), math.exp(loss), predicted, stride)
+    model.train(was_training)
+    return total

@@ -30,10 +30,13 @@ differ when the random draw lands that close to the edge between two characters,
 the tests (5x past block_size, both position options, sampled and greedy) never see.
 
 A decode step reads every weight once for one character, so on a CPU it is bound by
-memory bandwidth, not arithmetic: model.Linear reads a re-laid-out copy of each weight
-there, split across the cores, and the loop allocates next to nothing per step (the
-token buffer and the cache are preallocated, the rotary angles precomputed) and runs
-under inference_mode.
+memory bandwidth, not arithmetic: within speed.decoding() the products read a re-laid-out
+copy of each weight there, split across the cores, and the loop allocates next to nothing
+per step (the token buffer and the cache are preallocated, the rotary angles precomputed)
+and runs under inference_mode.
+
+Generation leaves the caller's world as it found it: the model's train/eval mode and the
+global random number generators (an unseeded generation seeds a generator of its own).
 """
 
 from __future__ import annotations
@@ -42,9 +45,63 @@ from collections.abc import Iterator
 
 import torch
 
-from tinygpt.model import GPT, KVCache
+from tinygpt import speed
+from tinygpt.config import ModelConfig
+from tinygpt.model import GPT
 
 BUFFER_STEPS = 4096  # new characters the token buffer has room for before it first doubles
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for generation one token at a time.
+
+    A prefill stores a whole context; then each decode step stores one new position and
+    its query attends to every position held. The buffer holds block_size positions and
+    rolls: position p lives in slot (p - first) % block_size, `first` being the first
+    position of the last prefill, so a new position overwrites the one block_size back:
+    exactly the key that leaves a rotary model's sliding window. With learned positions,
+    generate.py starts over (reset + prefill) before the context outgrows block_size, so
+    there the buffer never rolls. Nothing is allocated after __init__.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, block, hd)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.layer_keys = self.keys.unbind(0)  # per-layer views (B, nh, block, hd): no indexing per step
+        self.layer_values = self.values.unbind(0)
+        self.size = config.block_size
+        self.first = 0  # the first position of the last prefill
+
+    def reset(self, first_position: int = 0) -> None:
+        """Forget what is held: the next store is the prefill of positions from first_position."""
+        self.first = first_position
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values (B, nh, T, hd) of positions start..start+T-1 and return what the
+        new queries attend to: when prefilling (T > 1, right after reset), the new keys
+        themselves (the caller masks them); when decoding (T == 1), every key held."""
+        T = k.size(2)
+        keys, values = self.layer_keys[layer], self.layer_values[layer]
+        offset = start - self.first  # positions stored before these since the prefill
+        if T > 1:
+            keep = min(T, self.size)  # only the last block_size positions can be attended to later
+            slot = (offset + T - keep) % self.size
+            if slot + keep <= self.size:
+                keys[:, :, slot:slot + keep].copy_(k[:, :, T - keep:])
+                values[:, :, slot:slot + keep].copy_(v[:, :, T - keep:])
+            else:  # a prompt longer than the buffer wraps around it
+                slots = torch.arange(offset + T - keep, offset + T, device=k.device) % self.size
+                keys.index_copy_(2, slots, k[:, :, T - keep:].to(keys.dtype))
+                values.index_copy_(2, slots, v[:, :, T - keep:].to(values.dtype))
+            return k, v
+        slot = offset % self.size
+        keys[:, :, slot:slot + 1].copy_(k)
+        values[:, :, slot:slot + 1].copy_(v)
+        held = min(offset + 1, self.size)
+        # slot order is not position order once the buffer rolls; one query attending to
+        # every key needs no mask, and the softmax does not care about the order
+        return keys[:, :, :held], values[:, :, :held]  # (B, nh, held, hd)
 
 
 def sample_next(
@@ -72,22 +129,42 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
-@torch.inference_mode()
 def generate_ids(
     model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
     num_samples: int = 1, use_cache: bool = True, with_probs: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next ids (num_samples,) one step at a time; with_probs also yields each
-    step's probability distribution (num_samples, V) as (ids, probs)."""
+    step's probability distribution (num_samples, V) as (ids, probs). The model runs in
+    eval mode meanwhile and returns to its mode when the generation ends or is closed."""
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # a fresh random seed for this generator alone: the global RNG is not touched
+    else:
+        generator.manual_seed(seed)
+    was_training = model.training
     model.eval()
+    try:
+        with speed.decoding(model):  # batch-1 steps may read per-core weight copies, dropped at the end
+            def choose(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+                return sample_next(logits, temperature, top_k, top_p, generator)
+
+            for next_ids, next_logits in _steps(model, prompt, max_new_tokens, num_samples, use_cache, choose):
+                yield (next_ids, next_logits.float().softmax(dim=-1)) if with_probs else next_ids
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _steps(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: int, use_cache: bool, choose):
+    """Each step's chosen ids (B,) and the logits (B, V) they were chosen from, following the
+    context window rule of this module's docstring, with or without the cache."""
     config = model.config
     parameter = next(model.parameters())
     device = parameter.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
     block = config.block_size
     rotary = config.positions == "rope"
     reach = config.n_layer * (block - 1) + 1  # characters a rotary prediction depends on
@@ -99,31 +176,27 @@ def generate_ids(
     cache = KVCache(config, num_samples, device, parameter.dtype) if use_cache else None
     start = max(0, n - (reach if rotary else block))  # the context is tokens[:, start:length]
     prefilled = False
-    with model.decoding():  # batch-1 steps read per-core weight copies, dropped at the end
-        for length in range(n, n + max_new_tokens):
-            if rotary:
-                start = max(0, length - reach)
-            elif length - start > block:  # learned: the context is full, keep its last half
-                start, prefilled = length - max(1, block // 2), False
-            # rotary positions are absolute (only distances matter); learned ones count from start
-            offset = 0 if rotary else start
-            if cache is None:
-                logits, _ = model(tokens[:, start:length], start=start - offset)
-            elif not prefilled:
-                cache.reset(start - offset)
-                logits, _ = model(tokens[:, start:length], start=start - offset, cache=cache)
-                prefilled = True
-            else:  # decode: only the newest character goes through the model
-                logits, _ = model(tokens[:, length - 1:length], start=length - 1 - offset, cache=cache)
-            next_logits = logits[:, -1, :]  # (B, V)
-            next_ids = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
-            if length == tokens.size(1):
-                tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
-            tokens[:, length] = next_ids
-            if with_probs:
-                yield next_ids, next_logits.float().softmax(dim=-1)
-            else:
-                yield next_ids
+    for length in range(n, n + max_new_tokens):
+        if rotary:
+            start = max(0, length - reach)
+        elif length - start > block:  # learned: the context is full, keep its last half
+            start, prefilled = length - max(1, block // 2), False
+        # rotary positions are absolute (only distances matter); learned ones count from start
+        offset = 0 if rotary else start
+        if cache is None:
+            logits, _ = model(tokens[:, start:length], start=start - offset, last_only=True)
+        elif not prefilled:
+            cache.reset(start - offset)
+            logits, _ = model(tokens[:, start:length], start=start - offset, cache=cache, last_only=True)
+            prefilled = True
+        else:  # decode: only the newest character goes through the model
+            logits, _ = model(tokens[:, length - 1:length], start=length - 1 - offset, cache=cache)
+        next_logits = logits[:, -1, :]  # (B, V)
+        next_ids = choose(next_logits)  # (B,)
+        if length == tokens.size(1):
+            tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
+        tokens[:, length] = next_ids
+        yield next_ids, next_logits
 
 
 def stream_text(

@@ -1,10 +1,9 @@
-"""Per-device choices made at run time: which device, which precision, which attention.
+"""The device and its precision: which device, what the CPU is, whether bf16 pays.
 
 CPUs differ: one with avx512_bf16 (or AMX) multiplies bf16 matrices faster than fp32,
 one without it emulates bf16 and is several times slower. So on a CPU we look at the
 flags and, where native bf16 exists, time one matmul in each precision before choosing.
-Likewise SDPA's CPU flash kernel can be slower to train through than attention written
-out as matmuls and a softmax (its bf16 backward especially), so that is timed once too.
+speed.py records the choice with the run's other per-device choices.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tinygpt.config import TinyGPTError
+from tinygpt.errors import TinyGPTError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -78,8 +77,9 @@ def cpu_description() -> str:
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 5,
                             device: torch.device | str = "cpu") -> float:
     """Best-of-`repeats` FLOP/s of a size x size matmul."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    generator = torch.Generator().manual_seed(0)  # not the global one: timing moves no run's RNG
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):
@@ -142,40 +142,3 @@ def configure_backends(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def _attention_seconds(attention, dtype: torch.dtype, shape=(8, 8, 64, 48), repeats: int = 3) -> float:
-    """Best time of one forward + backward of a causal attention on random (B, nh, T, hd) inputs."""
-    inputs = [torch.randn(shape).to(dtype) for _ in range(3)]
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up
-        q, k, v = (t.clone().requires_grad_() for t in inputs)
-        start = time.perf_counter()
-        attention(q, k, v).sum().backward()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v with a causal mask, as plain matmuls and a softmax."""
-    T = q.size(2)
-    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v  # (B, nh, T, hd)
-
-
-_explicit_attention_choice: dict[torch.dtype, bool] = {}
-
-
-@torch.compiler.assume_constant_result  # torch.compile: a constant, not code to trace
-def cpu_prefers_explicit_attention(dtype: torch.dtype) -> bool:
-    """For training on this CPU in `dtype`: is explicit attention (q k^T, softmax, times v)
-    faster forward + backward than SDPA's flash kernel? Timed once per dtype, at seed-like
-    sizes. On an AMD EPYC (Zen 5) it is ~5x faster in bf16 and ~15 % slower in fp32."""
-    if dtype not in _explicit_attention_choice:
-        with torch.enable_grad():
-            flash = _attention_seconds(
-                lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), dtype)
-            explicit = _attention_seconds(explicit_causal_attention, dtype)
-        _explicit_attention_choice[dtype] = explicit < flash
-    return _explicit_attention_choice[dtype]

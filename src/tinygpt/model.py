@@ -1,17 +1,22 @@
-"""The GPT: a decoder-only transformer, in one file.
+"""The GPT: a decoder-only transformer, in one file, in the order a forward pass runs.
 
     token ids (B, T)
       -> token embedding (+ learned position embedding, unless positions are rotary)
       -> n_layer x Block: causal self-attention and an MLP, each with a residual and a norm
       -> final norm -> LM head -> logits over the vocabulary (B, T, V)
 
-Shapes in comments use B = batch, T = time (characters), C = n_embd, nh = n_head,
+Shapes in comments use B = batch, T = time (tokens), C = n_embd, nh = n_head,
 hd = head size (C / nh), V = vocab_size. Options are plain `if`s on `ModelConfig`.
+
+This file is the math only. How fast it runs on a given device is decided elsewhere
+(speed.py), once per run: that module may switch a layer's training attention to the
+written-out form below or swap in a cheaper dropout mask, but never changes what is computed.
+Generation's key/value cache lives in generate.py; here a layer only hands it its new
+keys and values and attends to what it gives back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -19,13 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygpt.config import ModelConfig
-from tinygpt.hardware import cpu_prefers_explicit_attention
 
-
-def make_norm(config: ModelConfig) -> nn.Module:
-    if config.norm_type == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+# ----------------------------------------------------------------------------- positions
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,121 +42,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.type_as(x)
 
 
-class KVCache:
-    """Preallocated keys and values of every layer, for generation one token at a time.
-
-    A prefill stores a whole context; then each decode step stores one new position and
-    its query attends to every position held. The buffer holds block_size positions and
-    rolls: position p lives in slot (p - first) % block_size, `first` being the first
-    position of the last prefill, so a new position overwrites the one block_size back:
-    exactly the key that leaves a rotary model's sliding window. With learned positions,
-    generate.py starts over (reset + prefill) before the context outgrows block_size, so
-    there the buffer never rolls. Nothing is allocated after __init__.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, block, hd)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.layer_keys = self.keys.unbind(0)  # per-layer views (B, nh, block, hd): no indexing per step
-        self.layer_values = self.values.unbind(0)
-        self.size = config.block_size
-        self.first = 0  # the first position of the last prefill
-
-    def reset(self, first_position: int = 0) -> None:
-        """Forget what is held: the next store is the prefill of positions from first_position."""
-        self.first = first_position
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values (B, nh, T, hd) of positions start..start+T-1 and return what the
-        new queries attend to: when prefilling (T > 1, right after reset), the new keys
-        themselves (the caller masks them); when decoding (T == 1), every key held."""
-        T = k.size(2)
-        keys, values = self.layer_keys[layer], self.layer_values[layer]
-        offset = start - self.first  # positions stored before these since the prefill
-        if T > 1:
-            keep = min(T, self.size)  # only the last block_size positions can be attended to later
-            slot = (offset + T - keep) % self.size
-            if slot + keep <= self.size:
-                keys[:, :, slot:slot + keep].copy_(k[:, :, T - keep:])
-                values[:, :, slot:slot + keep].copy_(v[:, :, T - keep:])
-            else:  # a prompt longer than the buffer wraps around it
-                slots = torch.arange(offset + T - keep, offset + T, device=k.device) % self.size
-                keys.index_copy_(2, slots, k[:, :, T - keep:].to(keys.dtype))
-                values.index_copy_(2, slots, v[:, :, T - keep:].to(values.dtype))
-            return k, v
-        slot = offset % self.size
-        keys[:, :, slot:slot + 1].copy_(k)
-        values[:, :, slot:slot + 1].copy_(v)
-        held = min(offset + 1, self.size)
-        # slot order is not position order once the buffer rolls; one query attending to
-        # every key needs no mask, and the softmax does not care about the order
-        return keys[:, :, :held], values[:, :, :held]  # (B, nh, held, hd)
-
-
-def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """0 with probability ~p, else 1 / (1 - p): a CPU dropout mask from 16 random bits per element.
-
-    PyTorch's CPU dropout draws one random number per element, ~6 ns each here: about a sixth
-    of a training step at the seed sizes. One 64-bit random word decides four elements instead
-    (each 16-bit quarter is dropped below p * 65536), ~4x cheaper forward and backward. The
-    rate is p rounded to a multiple of 1/65536 and the scale uses that rate, so the expected
-    value is exactly unchanged.
-    """
-    drop = min(round(p * 65536), 65535)  # of 65536 equally likely values, this many are dropped
-    count = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64)  # 64 random bits
-    quarters = words.view(torch.int16)[:count].view(shape)  # uniform over -32768..32767
-    mask = torch.empty(shape, dtype=dtype)
-    torch.ge(quarters, drop - 32768, out=mask)  # 1 where kept; straight into `dtype`, ~6x faster than via bool
-    return mask.mul_(65536 / (65536 - drop))
-
-
-class Dropout(nn.Module):
-    """nn.Dropout, with the cheaper mask of `dropout_mask` on the CPU (GPUs keep F.dropout)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        return x * dropout_mask(x.shape, self.p, x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with a faster product for a single row on the CPU: a batch-1 decode step.
-
-    There the product reads every weight once for one row, so it is bound by memory
-    bandwidth. F.linear reads the (out, in) weight with one core at ~14 GB/s on this
-    project's CPUs; a copy laid out (chunks, in, out / chunks) and one bmm read it at
-    ~20 GB/s per core, one chunk per core. Each output is still one dot product over `in`.
-    The copy exists only inside GPT.decoding() (generation), which makes it on entry and
-    drops it on exit: nothing can tell reliably when weights change (a fused optimizer step
-    does not move a tensor's version counter), so the copy must not outlive a generation.
-    """
-
-    decode_copy: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        copy = self.decode_copy
-        if (copy is not None and x.numel() == self.in_features and x.dtype == copy.dtype
-                and x.device == copy.device and not torch.is_grad_enabled()):
-            y = torch.bmm(x.reshape(1, 1, -1).expand(copy.size(0), 1, -1), copy)  # (chunks, 1, out / chunks)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-    def make_decode_copy(self, chunks: int) -> None:
-        chunks = chunks if self.out_features % chunks == 0 else 1
-        self.decode_copy = (self.weight.detach().view(chunks, self.out_features // chunks, self.in_features)
-                            .transpose(1, 2).contiguous())  # (chunks, in, out / chunks)
+# ----------------------------------------------------------------------------- attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -166,14 +52,15 @@ class CausalSelfAttention(nn.Module):
         self.head_size = config.n_embd // config.n_head
         self.dropout = config.dropout
         # one matmul makes the queries, keys and values of every head
-        self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = Dropout(config.dropout)  # on the attention weights
-        self.resid_dropout = Dropout(config.dropout)
-        self.record_attention = False  # set by attention_maps(); costs nothing when off
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)  # on the attention weights (explicit form)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.explicit = False  # train with the written-out form below (speed.py decides, per device)
+        self.record_attention = False  # keep the weights for GPT.attention_maps()
         self.last_attention: torch.Tensor | None = None
 
-    def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None, layer=0, start=0):
+    def forward(self, x, rotary=None, mask=None, cache=None, layer=0, start=0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
@@ -183,30 +70,19 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.store(layer, k, v, start)  # (B, nh, S, hd): the S keys the queries see
-        # a single decoded query attends to every key in its window: no mask needed
-        causal = mask is None and T > 1
-        dropout = self.dropout if self.training else 0.0
-        if self.record_attention or self.explicit_is_faster(x.device, q.dtype, dropout):
+        causal = mask is None and T > 1  # a single decoded query attends to every key: no mask
+        if self.record_attention or (self.explicit and self.training):
             y = self.explicit_attention(q, k, v, mask, causal)  # (B, nh, T, hd)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
             )  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads: (B, T, C)
         return self.resid_dropout(self.proj(y))
 
-    @staticmethod
-    def explicit_is_faster(device: torch.device, dtype: torch.dtype, dropout: float) -> bool:
-        """Whether explicit_attention beats SDPA here: a per-device choice for training."""
-        if device.type == "cuda" or not torch.is_grad_enabled():
-            return False  # fused kernels (dropout included) on CUDA; no backward to pay for otherwise
-        if dropout > 0:
-            return True  # no fused kernel with dropout: SDPA would do the same with a slower mask
-        return device.type == "cpu" and cpu_prefers_explicit_attention(dtype)
-
     def explicit_attention(self, q, k, v, mask, causal):
         """softmax(q k^T / sqrt(hd)) v, step by step: what SDPA computes, with the weights
-        kept for attention_maps() and dropped out in training."""
+        at hand to record and to drop out."""
         T, S = q.size(2), k.size(2)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, T, S)
         if causal:  # query i sees keys 0..i, as SDPA's is_causal
@@ -219,16 +95,25 @@ class CausalSelfAttention(nn.Module):
         return self.attn_dropout(weights) @ v  # (B, nh, T, hd)
 
 
+# ----------------------------------------------------------------------------- MLP and block
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.up = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
-        self.down = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.down = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.down(self.activation(self.up(x))))  # (B, T, C)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -250,6 +135,9 @@ class Block(nn.Module):
         return x  # (B, T, C)
 
 
+# ----------------------------------------------------------------------------- the GPT
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -263,21 +151,27 @@ class GPT(nn.Module):
             cos, sin = rotary_cos_sin(torch.arange(config.block_size), config.n_embd // config.n_head)
             self.register_buffer("rotary_cos", cos, persistent=False)  # (positions, hd/2)
             self.register_buffer("rotary_sin", sin, persistent=False)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
-        self.decode_depth = 0  # how many decoding() contexts are open
-        self.apply(self._init_weights)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.init_weights()
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_weights(self) -> None:
+        """Normal(0, 0.02) weights and zero biases. With scaled_residual_init (GPT-2's rule),
+        the projections that write into the residual stream start at 0.02 / sqrt(2 n_layer):
+        2 n_layer of them add up there, so the stream's scale at init does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if self.config.scaled_residual_init:
+            for block in self.blocks:
+                for projection in (block.attn.proj, block.mlp.down):
+                    nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def num_parameters(self) -> int:
         """Every trainable number, a tied matrix counted once."""
@@ -285,9 +179,7 @@ class GPT(nn.Module):
 
     def matmul_parameters(self) -> int:
         """N in the FLOP formula: weights of the matrix multiplies (blocks and LM head)."""
-        return sum(
-            m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
-        )
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
     def flops_per_token(self, context: int | None = None) -> int:
         """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus
@@ -295,9 +187,9 @@ class GPT(nn.Module):
         T = context or self.config.block_size
         return 6 * self.matmul_parameters() + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def forward(self, idx, targets=None, *, start: int = 0, cache: KVCache | None = None):
-        """Logits (B, T, V) for tokens idx (B, T) at positions start..start+T-1; with targets
-        (B, T), also the mean cross-entropy loss."""
+    def forward(self, idx, targets=None, *, start: int = 0, cache=None, last_only: bool = False):
+        """Logits (B, T, V) for tokens idx (B, T) at positions start..start+T-1 (only the last
+        position's, (B, 1, V), with last_only); with targets (B, T), also the mean cross-entropy."""
         B, T = idx.shape
         config = self.config
         positions = torch.arange(start, start + T, device=idx.device)  # (T,)
@@ -319,6 +211,8 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, mask, cache, layer, start)
         x = self.final_norm(x)
+        if last_only:
+            x = x[:, -1:, :]  # generation needs the next token's logits only: (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
@@ -347,29 +241,11 @@ class GPT(nn.Module):
                 sin_chunks.append(sin)
             self.rotary_cos, self.rotary_sin = torch.cat(cos_chunks), torch.cat(sin_chunks)
 
-    @contextlib.contextmanager
-    def decoding(self):
-        """Within: on the CPU, batch-1 matrix products read per-core copies of the weights
-        (see Linear), made by the first open context and dropped when the last one closes,
-        so the weights must not change inside (generations may interleave: serve)."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        self.decode_depth += 1
-        try:
-            if self.decode_depth == 1 and self.lm_head.weight.device.type == "cpu":
-                with torch.no_grad():
-                    for linear in linears:
-                        linear.make_decode_copy(torch.get_num_threads())
-            yield
-        finally:
-            self.decode_depth -= 1
-            if self.decode_depth == 0:
-                for linear in linears:
-                    linear.decode_copy = None
-
     @torch.no_grad()
     def attention_maps(self, idx) -> torch.Tensor:
         """Attention weights of every layer and head for idx (1, T): (L, nh, T, T)."""
-        maps = []
+        was_training = self.training
+        self.eval()
         for block in self.blocks:
             block.attn.record_attention = True
         try:
@@ -379,4 +255,5 @@ class GPT(nn.Module):
             for block in self.blocks:
                 block.attn.record_attention = False
                 block.attn.last_attention = None
+            self.train(was_training)
         return torch.stack(maps)

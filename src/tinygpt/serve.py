@@ -1,69 +1,55 @@
-"""`tinygpt serve`: an OpenAI-compatible HTTP API and a browser playground for one run.
+"""`tinygpt serve`: an OpenAI-compatible HTTP API over the engine, and the app that holds it.
 
     POST /v1/completions   the OpenAI completions subset that applies to a character model
     GET  /v1/models        the one model this server holds
     GET  /health           liveness, plus how busy the server is
-    POST /api/generate     streamed characters with their probability and top-k alternatives
-    POST /api/attention    attention weights of every layer and head for a text
-    GET  /                 the playground page (src/tinygpt/static/)
+    GET  /api/info         the model's configuration and size, and the server's limits
+    POST /api/generate, POST /api/attention, GET /: the playground (playground.py)
 
-How a request flows. The event loop only parses, admits and streams. Every model call
-runs on one dedicated model thread (`Engine.executor`, a single worker) in time slices of
-`Limits.time_slice` seconds, so concurrent requests take turns over one model instance,
-and an attention request never runs in the middle of a generation step (model.py's
-attention recorder is switched on for the whole model). Admission is a FIFO of
-`max_active` slots; up to `max_queue` more requests wait for one, beyond that the server
-answers 429, and a request that waits longer than `queue_timeout` gets 503. A client
-that disconnects cancels its request: the loop stops asking the model thread for more,
-so its generation ends within one time slice.
+This module owns HTTP: the request schemas, the body-size limit, OpenAI's error bodies and
+server-sent events. The model thread, the admission queue and the time slices are the
+engine's (engine.py); `create_app` builds one `Engine` and registers these routes and the
+playground's on one app.
+
+How a completion flows. The event loop only parses, admits and streams. `BodyLimit` refuses
+a body over `max_body_bytes` (413) before the app parses it; pydantic parses it (422 on
+invalid JSON or a field out of range); `_completion_arguments` checks it against the limits
+and what a character model can honour (400, or 404 for another model's name);
+`Engine.encode_prompt` turns the prompt into ids; `Engine.slot()` admits the request and
+`Engine.steps` generates a time slice at a time on the model thread, each step's characters
+going into one `Choice` per sample, which applies the stop sequences. A plain request is
+answered when its steps end; a streamed one sends each slice's new text as an event. The
+engine's typed errors become statuses here (`_engine_error`): `PromptRejected` 400,
+`ServerBusy` 429 and `ServerOverloaded` 503, both with Retry-After. A client that
+disconnects cancels its request: the loop stops asking the engine for more steps.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, asynccontextmanager
-from importlib import resources
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 from tinygpt.checkpoint import load_model
-from tinygpt.config import TinyGPTError
-from tinygpt.generate import generate_ids
+from tinygpt.engine import Engine, Limits, PromptRejected, Sampling
+from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
 from tinygpt.hardware import resolve_device
 from tinygpt.model import GPT
 from tinygpt.tokenizer import CharTokenizer
 
-STATIC_DIR = Path(str(resources.files("tinygpt") / "static"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one request may ask for, and how much work the server takes on at once."""
-
-    max_prompt_chars: int = 8192
-    max_tokens: int = 1024  # the cap on max_tokens (characters generated per choice)
-    max_n: int = 8  # the cap on n (choices per request)
-    max_alternatives: int = 20  # the cap on top-k alternatives in /api/generate
-    max_body_bytes: int = 65536
-    max_active: int = 8  # requests generating at once (interleaved step by step)
-    max_queue: int = 64  # requests waiting for a slot; more get 429
-    queue_timeout: float = 60.0  # seconds a request may wait for a slot before a 503
-    time_slice: float = 0.02  # seconds of generation a request gets before the next one's turn
+__all__ = ["APIError", "Choice", "Engine", "Limits", "create_app", "serve"]
 
 
 class APIError(Exception):
@@ -77,6 +63,15 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _engine_error(error: PromptRejected | ServerBusy | ServerOverloaded) -> APIError:
+    """The HTTP status and OpenAI error body for an error the engine raised."""
+    if isinstance(error, ServerBusy):
+        return APIError(429, str(error), kind="rate_limit_error", headers={"Retry-After": str(error.retry_after)})
+    if isinstance(error, ServerOverloaded):
+        return APIError(503, str(error), kind="server_error", headers={"Retry-After": str(error.retry_after)})
+    return APIError(400, str(error), param="prompt")
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -107,162 +102,13 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = ""
-    max_tokens: int = Field(200, ge=1)
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    alternatives: int = Field(5, ge=1)
-
-
-class AttentionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str = Field(min_length=1)
-    query: int | None = None  # one query position (negative counts from the end), or None for all
-
-
-# ----------------------------------------------------------------------------- the engine
-
-
-@dataclasses.dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    seed: int | None
-    n: int
-
-
-class Engine:
-    """One model, one model thread, and the FIFO that admits requests to it."""
-
-    def __init__(self, model: GPT, tokenizer: CharTokenizer, model_id: str, limits: Limits, threads: int | None = 1):
-        self.model, self.tokenizer, self.model_id, self.limits = model, tokenizer, model_id, limits
-        # Torch's CPU thread count is per calling thread. One is the default: a small model at
-        # batch 1 gains little from more, and on a busy machine the extra threads wait for each
-        # other at every operation (benchmarks/serve_load.py --model-speed: 15-44x slower steps).
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinygpt-model",
-                                           initializer=torch.set_num_threads if threads else None,
-                                           initargs=(threads,) if threads else ())
-        self.active = 0
-        self.waiters: collections.deque[asyncio.Future] = collections.deque()
-        self.completed = 0
-        self.cancelled = 0
-
-    # -- admission: a FIFO semaphore made of futures, so it binds to no particular event loop
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        limits = self.limits
-        if self.active >= limits.max_active:
-            if len(self.waiters) >= limits.max_queue:
-                raise APIError(429, f"server busy: {self.active} requests running and {len(self.waiters)} queued; "
-                                    "retry shortly", kind="rate_limit_error", headers={"Retry-After": "1"})
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), limits.queue_timeout)
-            except BaseException as e:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()  # the slot was handed over just as we gave up: pass it on
-                else:
-                    waiter.cancel()
-                    self.waiters.remove(waiter)
-                if isinstance(e, asyncio.TimeoutError):  # not yet the builtin TimeoutError on 3.10
-                    raise APIError(503, f"server overloaded: waited {limits.queue_timeout:g} s for a free slot",
-                                   kind="server_error", headers={"Retry-After": "5"}) from None
-                raise
-            # the releasing request handed its slot straight to us: `active` already counts it
-        else:
-            self.active += 1
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # hand the slot over without decrementing
-                return
-        self.active -= 1
-
-    async def call(self, function: Callable, *args) -> Any:
-        """Run function(*args) on the model thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
-
-    # -- generation
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        if len(prompt) > self.limits.max_prompt_chars:
-            raise APIError(400, f"prompt is {len(prompt)} characters; this server accepts at most "
-                                f"{self.limits.max_prompt_chars}", param="prompt")
-        try:
-            ids = self.tokenizer.encode(prompt)
-        except TinyGPTError as e:
-            raise APIError(400, f"prompt has {e}", param="prompt") from None
-        # an empty prompt starts from a newline, as `tinygpt sample` does
-        return ids or [self.tokenizer.index.get("\n", 0)]
-
-    async def steps(self, prompt_ids: list[int], sampling: Sampling, convert: Callable[..., Any],
-                    stop_early: Callable[[], bool] | None = None) -> AsyncIterator[list[Any]]:
-        """Yield lists of convert(ids (n,), probs (n, V)), one per generated step, a time
-        slice at a time; stop when the steps run out or stop_early() says so."""
-        iterator = generate_ids(
-            self.model, prompt_ids, sampling.max_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, seed=sampling.seed, num_samples=sampling.n, with_probs=True,
-        )
-
-        def time_slice() -> tuple[list[Any], bool]:
-            # Several steps per trip to the model thread: one trip costs two thread switches,
-            # which on a busy machine cost more than a step of a small model.
-            results: list[Any] = []
-            deadline = time.perf_counter() + self.limits.time_slice
-            for ids, probs in iterator:
-                results.append(convert(ids, probs))
-                if stop_early is not None and stop_early():
-                    return results, True
-                if time.perf_counter() >= deadline:
-                    return results, False
-            return results, True
-
-        finished = False
-        try:
-            while not finished:
-                results, finished = await self.call(time_slice)
-                if results:
-                    yield results
-        finally:
-            # close the generator on the model thread, after any step still running there
-            self.executor.submit(iterator.close)
-            if finished:
-                self.completed += 1
-            else:
-                self.cancelled += 1
-
-    def attention(self, text: str, query: int | None) -> dict[str, Any]:
-        """Attention weights for the last block_size characters of text (runs on the model thread)."""
-        block = self.model.config.block_size
-        shown = text[-block:]
-        ids = torch.tensor([self.tokenizer.encode(shown)], device=next(self.model.parameters()).device)
-        maps = self.model.attention_maps(ids).float()  # (L, nh, T, T)
-        if query is not None:
-            maps = maps[:, :, query, :]  # (L, nh, T)
-        return {
-            "tokens": list(shown),
-            "offset": len(text) - len(shown),
-            "query": None if query is None else query % len(shown),
-            "n_layer": maps.size(0),
-            "n_head": maps.size(1),
-            "weights": maps.double().mul(10000).round().div(10000).tolist(),
-        }
+def check_sampling(limits: Limits, max_tokens: int, n: int) -> None:
+    """Refuse (400) more characters or choices than the limits allow."""
+    if max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {limits.max_tokens}",
+                       param="max_tokens")
+    if n > limits.max_n:
+        raise APIError(400, f"n is {n}; this server returns at most {limits.max_n} choices", param="n")
 
 
 # ----------------------------------------------------------------------------- stop sequences
@@ -308,14 +154,79 @@ class Choice:
         return longest
 
 
-# ----------------------------------------------------------------------------- the app
+class Completion:
+    """One /v1/completions request's choices as they grow, and the bodies that report them."""
+
+    def __init__(self, engine: Engine, prompt: str, stops: list[str], n: int):
+        self.chars = engine.tokenizer.chars
+        self.prompt_tokens = len(prompt)
+        self.choices = [Choice(stops) for _ in range(n)]
+        self.header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                       "model": engine.model_id}
+
+    def add(self, ids: torch.Tensor, probs: torch.Tensor) -> None:
+        """Append one step's characters (runs on the model thread, step by step)."""
+        for choice, token in zip(self.choices, ids.tolist(), strict=True):
+            if choice.finish_reason is None:
+                choice.add(self.chars[token])
+
+    def all_stopped(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def body(self) -> dict[str, Any]:
+        """The answer to a plain (not streamed) request."""
+        return {**self.header, "choices": [
+            {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason or "length"}
+            for i, c in enumerate(self.choices)], "usage": self.usage()}
+
+    def stream_choices(self, final: bool = False) -> list[dict[str, Any]]:
+        """The choices of the next streamed chunk: new text, and each finish_reason once."""
+        out = []
+        for i, choice in enumerate(self.choices):
+            if choice.reported:
+                continue
+            text = choice.delta(final)
+            finish_reason = choice.finish_reason or ("length" if final else None)
+            if text or finish_reason:
+                out.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason})
+                choice.reported = finish_reason is not None
+        return out
 
 
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+# ----------------------------------------------------------------------------- server-sent events
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying data as JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """Start the stream only once its first event is ready, so that a request refused at
+    admission (429/503) still gets a plain JSON error with its status code."""
+    first = await anext(events, None)
+
+    async def chained() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(chained(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ----------------------------------------------------------------------------- the app
 
 
 class BodyLimit:
@@ -367,10 +278,30 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return (f"{param}: {message}" if param else message), param
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    async def engine_error(request: Request, error: PromptRejected | ServerBusy | ServerOverloaded):
+        return _engine_error(error).response()
+
+    async def validation_error(request: Request, error: RequestValidationError):
+        message, param = _validation_message(error)
+        return APIError(422, message, param=param).response()
+
+    app.add_exception_handler(APIError, api_error)
+    for kind in (PromptRejected, ServerBusy, ServerOverloaded):
+        app.add_exception_handler(kind, engine_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
 def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None = None, threads: int | None = 1,
                model: GPT | None = None, tokenizer: CharTokenizer | None = None) -> FastAPI:
     """The ASGI app serving the run in run_dir (or an already loaded model and tokenizer).
     threads: torch CPU threads for the model (None: torch's default)."""
+    # imported here: the playground's routes build on this module's errors and event stream
+    from tinygpt.playground import add_playground_routes
+
     limits = limits or Limits()
     if model is None or tokenizer is None:
         model, tokenizer = load_model(run_dir, device=resolve_device(device))
@@ -378,15 +309,7 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
     engine = Engine(model, tokenizer, Path(run_dir).resolve().name or "tinygpt", limits, threads)
     app = FastAPI(title="tinyGPT", version="0.1.0", summary="a small character-level GPT, served")
     app.state.engine = engine
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, error: APIError):
-        return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError):
-        message, param = _validation_message(error)
-        return APIError(422, message, param=param).response()
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -407,41 +330,17 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
     async def completions(body: CompletionRequest, request: Request):
         return await _completions(engine, body, request)
 
-    @app.post("/api/generate")
-    async def generate(body: GenerateRequest):
-        return await _generate(engine, body)
-
-    @app.post("/api/attention")
-    async def attention(body: AttentionRequest) -> dict[str, Any]:
-        text = body.text
-        if len(text) > limits.max_prompt_chars:
-            raise APIError(400, f"text is {len(text)} characters; at most {limits.max_prompt_chars}", param="text")
-        shown = len(text[-model.config.block_size:])
-        if body.query is not None and not -shown <= body.query < shown:
-            raise APIError(400, f"query {body.query} is outside the {shown} characters the model sees", param="query")
-        engine.encode_prompt(text[-model.config.block_size:])  # 400 on characters outside the vocabulary
-        async with engine.slot():
-            return await engine.call(engine.attention, text, body.query)
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC_DIR / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_playground_routes(app, engine)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     return app
 
 
-def _check_sampling(engine: Engine, max_tokens: int, n: int) -> None:
-    limits = engine.limits
-    if max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {limits.max_tokens}",
-                       param="max_tokens")
-    if n > limits.max_n:
-        raise APIError(400, f"n is {n}; this server returns at most {limits.max_n} choices", param="n")
+# ----------------------------------------------------------------------------- /v1/completions
 
 
-async def _completions(engine: Engine, body: CompletionRequest, request: Request):
+def _completion_arguments(engine: Engine, body: CompletionRequest) -> tuple[str, list[str], int]:
+    """The prompt, stop sequences and max_tokens of a request that asks only for what this
+    server can do; APIError otherwise."""
     if body.model != engine.model_id:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {engine.model_id!r}",
                        param="model", kind="not_found_error")
@@ -460,118 +359,40 @@ async def _completions(engine: Engine, body: CompletionRequest, request: Request
     if len(stops) > 4 or any(not s for s in stops):
         raise APIError(400, "stop takes up to 4 non-empty sequences", param="stop")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    _check_sampling(engine, max_tokens, body.n)
+    check_sampling(engine.limits, max_tokens, body.n)
+    return prompt, stops, max_tokens
+
+
+async def _completions(engine: Engine, body: CompletionRequest, request: Request):
+    prompt, stops, max_tokens = _completion_arguments(engine, body)
     prompt_ids = engine.encode_prompt(prompt)
     sampling = Sampling(max_tokens, body.temperature, body.top_k or None, body.top_p, body.seed, body.n)
-    chars = engine.tokenizer.chars
-    choices = [Choice(stops) for _ in range(body.n)]
-    header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-              "model": engine.model_id}
-
-    def usage() -> dict[str, int]:
-        completion = sum(c.tokens for c in choices)
-        return {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                "total_tokens": len(prompt) + completion}
-
-    def add(ids: torch.Tensor, probs: torch.Tensor) -> None:  # runs on the model thread, step by step
-        for choice, token in zip(choices, ids.tolist(), strict=True):
-            if choice.finish_reason is None:
-                choice.add(chars[token])
-
-    def all_stopped() -> bool:
-        return all(c.finish_reason is not None for c in choices)
-
-    if not body.stream:
-        async with engine.slot():
-            if max_tokens > 0:
-                async with aclosing(engine.steps(prompt_ids, sampling, add, all_stopped)) as steps:
-                    async for _ in steps:
-                        if await request.is_disconnected():
-                            break
-        return {**header, "choices": [
-            {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason or "length"}
-            for i, c in enumerate(choices)], "usage": usage()}
-
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
-
-    def stream_choices(final: bool = False) -> list[dict[str, Any]]:
-        out = []
-        for i, choice in enumerate(choices):
-            if choice.reported:
-                continue
-            text = choice.delta(final)
-            finish_reason = choice.finish_reason or ("length" if final else None)
-            if text or finish_reason:
-                out.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason})
-                choice.reported = finish_reason is not None
-        return out
-
-    async def events() -> AsyncIterator[str]:
-        async with engine.slot():
-            if max_tokens > 0:
-                async with aclosing(engine.steps(prompt_ids, sampling, add, all_stopped)) as steps:
-                    async for _ in steps:
-                        if out := stream_choices():
-                            yield _sse({**header, "choices": out})
-        if out := stream_choices(final=True):
-            yield _sse({**header, "choices": out})
-        if include_usage:
-            yield _sse({**header, "choices": [], "usage": usage()})
-        yield "data: [DONE]\n\n"
-
-    return await _stream(events())
+    completion = Completion(engine, prompt, stops, body.n)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return await event_stream(_completion_events(engine, prompt_ids, sampling, completion, include_usage))
+    async with engine.slot():
+        if max_tokens > 0:
+            async with aclosing(engine.steps(prompt_ids, sampling, completion.add, completion.all_stopped)) as steps:
+                async for _ in steps:
+                    if await request.is_disconnected():
+                        break
+    return completion.body()
 
 
-async def _stream(events: AsyncIterator[str]) -> StreamingResponse:
-    """Start the stream only once its first event is ready, so that a request refused at
-    admission (429/503) still gets a plain JSON error with its status code."""
-    first = await anext(events, None)
-
-    async def chained() -> AsyncIterator[str]:
-        try:
-            if first is not None:
-                yield first
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(chained(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-async def _generate(engine: Engine, body: GenerateRequest):
-    _check_sampling(engine, body.max_tokens, 1)
-    if body.alternatives > engine.limits.max_alternatives:
-        raise APIError(400, f"alternatives is {body.alternatives}; at most {engine.limits.max_alternatives}",
-                       param="alternatives")
-    prompt_ids = engine.encode_prompt(body.prompt)
-    sampling = Sampling(body.max_tokens, body.temperature, body.top_k or None, body.top_p, body.seed, 1)
-    chars = engine.tokenizer.chars
-    k = min(body.alternatives, len(chars))
-
-    def convert(ids: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
-        # probabilities of the model itself (temperature 1, unfiltered), not of the sampler
-        token = int(ids[0])
-        top = probs[0].topk(k)
-        alternatives = zip(top.values.tolist(), top.indices.tolist(), strict=True)
-        return {"char": chars[token], "prob": round(float(probs[0, token]), 5),
-                "top": [{"char": chars[i], "prob": round(p, 5)} for p, i in alternatives]}
-
-    async def events() -> AsyncIterator[str]:
-        started = time.perf_counter()
-        count = 0
-        async with engine.slot():
-            yield _sse({"model": engine.model_id, "prompt_tokens": len(body.prompt),
-                        "block_size": engine.model.config.block_size})
-            async with aclosing(engine.steps(prompt_ids, sampling, convert)) as steps:
-                async for results in steps:
-                    count += len(results)
-                    yield "".join(_sse(step) for step in results)
-        seconds = time.perf_counter() - started
-        yield _sse({"finish_reason": "length", "tokens": count, "seconds": round(seconds, 4)})
-        yield "data: [DONE]\n\n"
-
-    return await _stream(events())
+async def _completion_events(engine: Engine, prompt_ids: list[int], sampling: Sampling, completion: Completion,
+                             include_usage: bool) -> AsyncIterator[str]:
+    async with engine.slot():
+        if sampling.max_tokens > 0:
+            async with aclosing(engine.steps(prompt_ids, sampling, completion.add, completion.all_stopped)) as steps:
+                async for _ in steps:
+                    if out := completion.stream_choices():
+                        yield sse({**completion.header, "choices": out})
+    if out := completion.stream_choices(final=True):
+        yield sse({**completion.header, "choices": out})
+    if include_usage:
+        yield sse({**completion.header, "choices": [], "usage": completion.usage()})
+    yield "data: [DONE]\n\n"
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

@@ -7,14 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from tinygpt.config import TinyGPTError
+from tinygpt.errors import TinyGPTError, UnknownCharacterError
+
+__all__ = ["CharTokenizer", "UnknownCharacterError", "MAX_CODE_POINT", "MAX_VOCAB_SIZE"]
 
 MAX_CODE_POINT = 0x110000
 MAX_VOCAB_SIZE = 65536  # ids must fit in uint16 token files
-
-
-class UnknownCharacterError(TinyGPTError):
-    """Text holds characters the vocabulary does not."""
 
 
 class CharTokenizer:

@@ -1,18 +1,20 @@
-"""The training loop, and the small pieces it calls: optimizer, schedule, evaluation
-estimates, metrics/plot, checkpoint state. It runs alone or under `torchrun` (DDP).
+"""Training: start (or resume) a run, then the loop. Alone or under `torchrun` (DDP).
 
-Everything a run depends on is in its checkpoint (weights, optimizer, iteration, the
-batch sampler's RNG state, the torch/CUDA/numpy/python RNG states), and dropout masks are
-seeded from (seed, rank, iteration), so `--resume` continues bit for bit, even after a
-SIGKILL, on the same hardware and thread count. Under torchrun every rank draws the same
-global batch and keeps its slice, so 1 and N processes see the same data.
+    train() -> start_run(): configs, data, speed plan, model, optimizers, TrainingState
+            -> the loop:    train_step() per iteration, evaluate_and_save() every eval_interval
+
+Everything the next iteration depends on is in `TrainingState` (training_state.py), which
+the `last` checkpoint saves whole, and dropout masks are seeded from (seed, rank,
+iteration), so `--resume` continues bit for bit, even after a SIGKILL, on the same hardware
+and thread count. Under torchrun every rank draws the same global batch and keeps its slice
+(data.BatchSampler), so 1 and N processes see the same data. `train_step` is also what
+`tinygpt bench` times.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -20,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,304 +30,25 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from tinygpt import checkpoint
-from tinygpt.config import ConfigError, ModelConfig, PeerLost, TinyGPTError, TrainConfig, train_config_from_dict
-from tinygpt.data import gather_windows, load_meta, load_tokens
-from tinygpt.evaluate import evaluate_tokens
-from tinygpt.hardware import Precision, choose_precision, configure_backends, resolve_device
+from tinygpt import checkpoint, distributed, speed, training_state
+from tinygpt.config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
+from tinygpt.data import BatchSampler, load_meta, load_tokens
+from tinygpt.distributed import Distributed
+from tinygpt.errors import CheckpointError, ConfigError, TrainingDiverged
+from tinygpt.evaluate import split_nats
+from tinygpt.hardware import Precision, configure_backends
+from tinygpt.metrics import append_row, evaluation_row, plot_losses
 from tinygpt.model import GPT
+from tinygpt.optim import build_optimizers, learning_rate_at, set_learning_rate
 from tinygpt.tokenizer import CharTokenizer
+from tinygpt.training_state import TrainingState
+
+__all__ = ["train", "train_step", "TrainResult", "TrainingDiverged", "build_optimizers", "learning_rate_at",
+           "dropout_seed", "RESUMABLE_KEYS"]
 
 LOG_INTERVAL = 10  # iterations between progress-bar updates (the only host syncs)
-
-
-class TrainingDiverged(TinyGPTError):
-    """The loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------- distribution
-
-
-@dataclass
-class Distributed:
-    """Where this process sits among the processes `torchrun` started (1 of 1 when alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group torchrun describes in the environment, if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # a rank that dies makes the others fail at their next collective within this timeout
-    timeout = datetime.timedelta(seconds=int(os.environ.get("TINYGPT_DIST_TIMEOUT", "300")))
-    try:
-        dist.init_process_group(backend=backend, timeout=timeout)
-    except (dist.DistError, RuntimeError, ValueError) as e:  # timeout, refused connection, bad address
-        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerLost(f"process {rank} of {world_size}: could not meet the other processes at {where} "
-                       f"[{reason}]") from None
-    return Distributed(rank, world_size, local_rank), device
-
-
-def _is_collective_failure(error: BaseException) -> bool:
-    """A collective that failed because a peer is gone: c10d raises DistError subclasses
-    (NCCL, store, timeouts); gloo's transport raises a RuntimeError naming gloo."""
-    return isinstance(error, dist.DistError) or "gloo" in str(error)
-
-
-def _same_on_all_ranks(value: int, world: Distributed, device: torch.device) -> bool:
-    if not world.enabled:
-        return True
-    low_high = torch.tensor([value, -value], dtype=torch.float64, device=device)
-    dist.all_reduce(low_high, op=dist.ReduceOp.MAX)
-    return low_high[0].item() == -low_high[1].item()
-
-
-def _all_reduce_mean(value: torch.Tensor, world: Distributed) -> torch.Tensor:
-    if world.enabled:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= world.world_size
-    return value
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-
-def build_optimizers(model: GPT, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW (weight decay on matrices only, unless decay_all_params); with optimizer=muon,
-    Muon takes the blocks' hidden matrices and AdamW keeps embeddings, head, norms, biases."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    muon_params = []
-    if config.optimizer == "muon":
-        muon_params = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
-    muon_ids = {id(p) for p in muon_params}
-    rest = [(n, p) for n, p in named if id(p) not in muon_ids]
-    decay = [p for _, p in rest if config.decay_all_params or p.dim() >= 2]
-    no_decay = [p for _, p in rest if not (config.decay_all_params or p.dim() >= 2)]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    fused = device.type in ("cuda", "cpu")  # one kernel for all parameters; ~7x faster on the CPU
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
-    ]
-    if muon_params:
-        optimizers.append(
-            torch.optim.Muon(muon_params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                             adjust_lr_fn="match_rms_adamw")
-        )
-    return optimizers
-
-
-def learning_rate_at(iteration: int, config: TrainConfig, elapsed: float = 0.0) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr at max_iters (or at max_time
-    seconds, whichever comes first, when a time budget is set)."""
-    if iteration < config.warmup_iters:
-        return config.learning_rate * (iteration + 1) / config.warmup_iters
-    if config.schedule == "constant":
-        return config.learning_rate
-    decay_steps = max(1, config.max_iters - config.warmup_iters)
-    progress = min(1.0, (iteration - config.warmup_iters) / decay_steps)
-    if config.max_time > 0:
-        progress = max(progress, min(1.0, elapsed / config.max_time))
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
-
-
-def optimizer_state(optimizers) -> tuple[dict[str, torch.Tensor], list]:
-    """Flatten optimizer state dicts into named tensors plus JSON-able parameter groups."""
-    tensors, groups = {}, []
-    for i, optimizer in enumerate(optimizers):
-        state = optimizer.state_dict()
-        for param_id, entries in state["state"].items():
-            for key, value in entries.items():
-                tensors[f"optimizer.{i}.{param_id}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        groups.append(state["param_groups"])
-    return tensors, groups
-
-
-def load_optimizer_state(optimizers, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    for i, optimizer in enumerate(optimizers):
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        prefix = f"optimizer.{i}."
-        for name, value in tensors.items():
-            if name.startswith(prefix):
-                param_id, key = name[len(prefix):].split(".", 1)
-                state.setdefault(int(param_id), {})[key] = value
-        optimizer.load_state_dict({"state": state, "param_groups": groups[i]})
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-class BatchSampler:
-    """Random windows from the memmap. Every rank draws the same global batch from one
-    seeded stream and keeps its own slice, so the data does not depend on the world size."""
-
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, world: Distributed):
-        self.tokens = tokens
-        self.block_size = block_size
-        self.world = world
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self, global_batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.tokens) - self.block_size, (global_batch,), generator=self.generator)
-        per_rank = global_batch // self.world.world_size
-        mine = starts[self.world.rank * per_rank:(self.world.rank + 1) * per_rank].numpy()
-        window = gather_windows(self.tokens, mine, self.block_size + 1)  # (B, T+1)
-        if device.type == "cuda":
-            window = window.pin_memory().to(device, non_blocking=True)
-        else:
-            window = window.to(device)
-        return window[:, :-1], window[:, 1:]  # inputs, next-character targets: (B, T) each
-
-
-@torch.no_grad()
-def estimate_loss(model, tokens, config: TrainConfig, block_size: int, seed: int, world: Distributed,
-                  device: torch.device, precision: Precision) -> float:
-    """Mean loss over eval_iters random batches, from a generator of its own so that
-    evaluating never moves the training stream."""
-    was_training = model.training
-    model.eval()
-    sampler = BatchSampler(tokens, block_size, seed, world)
-    losses = torch.zeros((), device=device)
-    micro_batch = config.batch_size // config.grad_accum
-    for _ in range(config.eval_iters):
-        x, y = sampler.next(micro_batch, device)
-        with precision.autocast(device):
-            _, loss = model(x, y)
-        losses += loss.float()
-    mean = _all_reduce_mean(losses / config.eval_iters, world)
-    model.train(was_training)
-    return mean.item()
-
-
-@torch.no_grad()
-def validation_loss(model: GPT, tokens, config: TrainConfig, seed: int, world: Distributed,
-                    device: torch.device, precision: Precision) -> float:
-    """The loss over the whole validation split, with the windows of `tinygpt eval` (at the
-    training precision), when that costs no more than the two random-batch estimates of an
-    evaluation together; otherwise the random-batch estimate. The best checkpoint is then
-    picked by the real score rather than by a sample's noise: on tinyshakespeare (111,538 val
-    characters, cpu preset) 20 random batches missed the best checkpoint by 0.007 bits/char.
-    Every process scores the whole split; the mean keeps them in agreement."""
-    block_size = model.config.block_size
-    micro_batch = config.batch_size // config.grad_accum
-    if len(tokens) - 1 > 2 * config.eval_iters * micro_batch * block_size:
-        return estimate_loss(model, tokens, config, block_size, seed, world, device, precision)
-    was_training = model.training
-    with precision.autocast(device):
-        loss = evaluate_tokens(model, tokens, batch_size=micro_batch, device=device).loss
-    model.train(was_training)
-    return _all_reduce_mean(torch.tensor(loss, dtype=torch.float64, device=device), world).item()
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    iterations = [r["iteration"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(iterations, [r["train_loss"] for r in rows], label="train")
-    ax.plot(iterations, [r["val_loss"] for r in rows], label="val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats/char)")
-    ax.set_title(f"val {rows[-1]['val_bits_per_char']:.3f} bits/char at iteration {iterations[-1]}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_tensors(sampler: BatchSampler, device: torch.device) -> dict[str, torch.Tensor]:
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.sampler": sampler.generator.get_state()}
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return tensors
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], record: dict, sampler: BatchSampler, device) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    sampler.generator.set_state(tensors["rng.sampler"])
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    version, internal, gauss = record["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = record["numpy_rng"]
-    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
-
-
-def _save_last(run_dir, model, optimizers, sampler, device, record_fields) -> None:
-    tensors, groups = optimizer_state(optimizers)
-    tensors.update(_rng_tensors(sampler, device))
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    record = {
-        **record_fields,
-        "optimizer_groups": groups,
-        "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(),
-                      *[float(x) if isinstance(x, float) else int(x) for x in numpy_state[2:]]],
-    }
-    checkpoint.save_checkpoint(run_dir, "last", record, {"model": checkpoint.model_tensors(model), "state": tensors})
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def dropout_seed(seed: int, rank: int, iteration: int) -> int:
-    """The torch seed for one rank's dropout masks in one iteration. Derived, not carried
-    along, so a resumed run draws exactly the masks it would have drawn, and each rank draws
-    its own (the samples differ). The masks do depend on the world size: with dropout > 0,
-    1 and 2 processes follow different (equally valid) trajectories."""
-    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0])
-
-
-def _run_precision(device: torch.device, requested: str, record: dict | None, world: Distributed) -> Precision:
-    """The autocast dtype. A resumed run keeps the one it started with (`auto` on a CPU
-    times matmuls, and a loaded machine could tip the choice), and every rank uses rank 0's."""
-    if record is not None and requested == "auto" and record.get("device_type") == device.type:
-        name = record["precision"]
-        precision = Precision(getattr(torch, name), f"{name}: as the run started")
-    else:
-        precision = choose_precision(device, requested)
-    if world.enabled:
-        bf16 = _agree(precision.dtype == torch.bfloat16, world, device)
-        if bf16 != (precision.dtype == torch.bfloat16):
-            precision = Precision(torch.bfloat16 if bf16 else torch.float32, "rank 0's choice")
-    return precision
+# what may change when a run continues; anything else would make it a different run
+RESUMABLE_KEYS = ("max_iters", "max_time", "eval_interval", "eval_iters", "compile")
 
 
 @dataclass
@@ -339,291 +62,427 @@ class TrainResult:
     rank: int = 0  # this process's rank under torchrun; only rank 0 reports
 
 
-def train(
-    data_dir: str | Path,
-    run_dir: str | Path,
-    model_config: ModelConfig,
-    train_config: TrainConfig,
-    device: str = "auto",
-    resume: bool = False,
-    progress: bool = True,
-    log=print,
-) -> TrainResult:
+@dataclass
+class Run:
+    """Everything the loop reads: set up once by start_run."""
+
+    run_dir: Path
+    model_config: ModelConfig
+    config: TrainConfig
+    tokenizer: CharTokenizer
+    device: torch.device
+    world: Distributed
+    plan: speed.SpeedPlan
+    state: TrainingState
+    step_model: torch.nn.Module  # what the loop calls: the model, DDP-wrapped and/or compiled
+    ddp_model: torch.nn.Module  # the DDP wrapper (no_sync), or the model itself
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    resumed: bool
+
+    @property
+    def precision(self) -> Precision:
+        return self.plan.precision
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def train(data_dir: str | Path, run_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig,
+          device: str = "auto", resume: bool = False, progress: bool = True, log=print) -> TrainResult:
     """Train a GPT on a prepared data directory, writing checkpoints and metrics to run_dir."""
-    world, device_ = setup_distributed(device)
+    world, device_ = distributed.setup(device)
     try:
-        return _train(data_dir, Path(run_dir), model_config, train_config, device_, resume, progress, log, world)
+        run = start_run(Path(data_dir), Path(run_dir), model_config, train_config, device_, resume, log, world)
+        with _stop_requests() as stop:
+            return _loop(run, stop, progress)
     except (RuntimeError, dist.DistError) as e:
-        if not (world.enabled and _is_collective_failure(e)):
+        if not (world.enabled and distributed.is_collective_failure(e)):
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerLost(
-            f"process {world.rank} of {world.world_size}: another process of the job crashed or stopped "
-            f"answering (see its own error); the last checkpoint is intact, rerun with --resume [{reason}]"
-        ) from None
+        raise distributed.peer_lost(world, e) from None
     finally:
-        if world.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.teardown(world)
 
 
-def _train(data_dir, run_dir: Path, model_config: ModelConfig, config: TrainConfig, device: torch.device,
-           resume: bool, progress: bool, log, world: Distributed) -> TrainResult:
-    meta = load_meta(data_dir)
-    tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
-    record = None
-    if resume and not (run_dir / "last.json").exists():
-        # a job that always passes --resume (requeued by a scheduler, restarted by torchrun
-        # --max-restarts) may have died before its first checkpoint: it starts from the beginning
+# ----------------------------------------------------------------------------- the loop
+
+
+def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
+    state, config, world, device = run.state, run.config, run.world, run.device
+    clock = _Clock(state.elapsed_before)
+    bar = _progress_bar(run, progress)
+    window = _LossWindow(device)
+    val_loss, interrupted = None, False
+    try:
+        while state.iteration < config.max_iters:
+            if run.model_config.dropout > 0:
+                torch.manual_seed(dropout_seed(config.seed, world.rank, state.iteration))
+            lr = learning_rate_at(state.iteration, config, clock.elapsed())
+            window.add(train_step(run.step_model, run.ddp_model, state, config, run.precision, device, world, lr))
+            state.iteration += 1
+            # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
+            time_up = config.max_time > 0 and distributed.agree(clock.elapsed() >= config.max_time, world, device)
+            done = time_up or state.iteration == config.max_iters
+            if state.iteration % LOG_INTERVAL == 0 or done:
+                window.report(bar, state.iteration, lr, config, clock, run.model_config.block_size)
+            if state.iteration % config.eval_interval == 0 or done:
+                val_loss = evaluate_and_save(run, lr, clock, bar)
+            if done:
+                break
+            if _stop_agreed(stop, state.iteration, world, device):
+                interrupted = True
+                break
+    finally:
+        bar.close()
+    if interrupted:
         if world.is_main:
-            log(f"--resume: no checkpoint in {run_dir} yet (no last.json); starting from iteration 0")
-        resume = False
-    if resume:
-        record = checkpoint.read_record(run_dir, "last")
-        saved_model = record["model_config"]
-        if dataclasses.asdict(model_config) | {"vocab_size": saved_model["vocab_size"]} != saved_model:
-            differences = ", ".join(
-                f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in dataclasses.asdict(model_config).items()
-                if k != "vocab_size" and saved_model.get(k) != v
-            )
-            raise ConfigError(f"--resume: the run in {run_dir} has a different model config ({differences})")
-        if record["tokenizer"] != tokenizer.to_dict():
-            raise ConfigError(f"--resume: the data in {data_dir} has a different vocabulary than the run in {run_dir}")
-        saved_train = train_config_from_dict(record["train_config"])
-        config = dataclasses.replace(saved_train, max_iters=config.max_iters)
-    if not _same_on_all_ranks(-1 if record is None else record["iteration"], world, device):
+            training_state.save(run.run_dir, state, device, _record_fields(run, val_loss, clock))
+            print(f"interrupted: saved iteration {state.iteration} to {run.run_dir}; continue with --resume",
+                  file=sys.stderr)
+        if world.enabled:
+            dist.barrier()
+    return TrainResult(state.iteration, val_loss, state.best_val_loss, interrupted, state.model.num_parameters(),
+                       run.precision.name, world.rank)
+
+
+def train_step(step_model: torch.nn.Module, ddp_model: torch.nn.Module, state: TrainingState, config: TrainConfig,
+               precision: Precision, device: torch.device, world: Distributed, lr: float) -> torch.Tensor:
+    """One optimizer step over batch_size windows in grad_accum micro-batches; the mean loss
+    (a 0-dim tensor, not synced to the host)."""
+    set_learning_rate(state.optimizers, lr)
+    micro_batch = config.batch_size // config.grad_accum
+    total = torch.zeros((), device=device)
+    for micro_step in range(config.grad_accum):
+        x, y = state.sampler.next(micro_batch, device)
+        # only the last micro-step all-reduces the gradients
+        last = micro_step == config.grad_accum - 1
+        sync = ddp_model.no_sync() if world.enabled and not last else contextlib.nullcontext()
+        with sync, precision.autocast(device):
+            _, loss = step_model(x, y)
+            loss = loss / config.grad_accum
+        loss.backward()
+        total += loss.detach()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+    for optimizer in state.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar) -> float:
+    """Estimate train and val loss, log a metrics row, save `best` (if improved) and `last`."""
+    state, world, config = run.state, run.world, run.config
+    train_loss = estimate_loss(run, run.train_tokens, config.seed + state.iteration)
+    val_loss = validation_loss(run, config.seed + state.iteration + 1)
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        raise TrainingDiverged(f"the evaluation loss became non-finite at iteration {state.iteration}; "
+                               f"the last good checkpoint is intact")
+    improved = state.best_val_loss is None or val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss = val_loss
+    if world.is_main:
+        tokens_seen = state.iteration * config.batch_size * run.model_config.block_size
+        append_row(run.metrics_path, evaluation_row(state.iteration, train_loss, val_loss, lr, tokens_seen))
+        plot_losses(run.metrics_path, run.run_dir / "loss.png")
+        bar.write(f"iteration {state.iteration}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
+                  f"({val_loss / math.log(2):.3f} bits/char)")
+        record = _record_fields(run, val_loss, clock)
+        if improved:
+            checkpoint.save_checkpoint(run.run_dir, "best", record, {"model": checkpoint.model_tensors(state.model)})
+        training_state.save(run.run_dir, state, run.device, record)
+    if world.enabled:
+        dist.barrier()
+    return val_loss
+
+
+def dropout_seed(seed: int, rank: int, iteration: int) -> int:
+    """The torch seed for one rank's dropout masks in one iteration. Derived, not carried
+    along, so a resumed run draws exactly the masks it would have drawn, and each rank draws
+    its own (the samples differ). The masks do depend on the world size: with dropout > 0,
+    1 and 2 processes follow different (equally valid) trajectories."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def estimate_loss(run: Run, tokens: np.ndarray, seed: int) -> float:
+    """Mean loss over eval_iters random batches, from a sampler of its own so that
+    evaluating never moves the training stream; averaged over processes."""
+    model, config, device = run.state.model, run.config, run.device
+    was_training = model.training
+    model.eval()
+    sampler = BatchSampler(tokens, run.model_config.block_size, seed, run.world.rank, run.world.world_size)
+    losses = torch.zeros((), device=device)
+    micro_batch = config.batch_size // config.grad_accum
+    for _ in range(config.eval_iters):
+        x, y = sampler.next(micro_batch, device)
+        with run.precision.autocast(device):
+            _, loss = model(x, y)
+        losses += loss.float()
+    mean = distributed.all_reduce_mean(losses / config.eval_iters, run.world)
+    model.train(was_training)
+    return mean.item()
+
+
+def validation_loss(run: Run, seed: int) -> float:
+    """The loss over the whole validation split, with the windows of `tinygpt eval` (at the
+    training precision), when that costs no more than the two random-batch estimates of an
+    evaluation together; otherwise the random-batch estimate. The best checkpoint is then
+    picked by the real score rather than by a sample's noise. Under torchrun each process
+    scores its share of the windows and the sums are added."""
+    config, block_size = run.config, run.model_config.block_size
+    micro_batch = config.batch_size // config.grad_accum
+    tokens = run.val_tokens
+    if len(tokens) - 1 > 2 * config.eval_iters * micro_batch * block_size:
+        return estimate_loss(run, tokens, seed)
+    with run.precision.autocast(run.device):
+        nats = split_nats(run.state.model, tokens, batch_size=micro_batch, device=run.device,
+                          shard=(run.world.rank, run.world.world_size))
+    return distributed.all_reduce_sum(nats, run.world, run.device) / (len(tokens) - 1)
+
+
+# ----------------------------------------------------------------------------- starting a run
+
+
+def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: TrainConfig,
+              device: torch.device, resume: bool, log, world: Distributed) -> Run:
+    """Check the configs against the data (and the run being resumed), decide the speed
+    plan, build the model and optimizers, and restore the training state when resuming."""
+    tokenizer = CharTokenizer.from_dict(load_meta(data_dir)["tokenizer"])
+    record = _resume_record(run_dir, resume, world, log)
+    if record is not None:
+        config = resumed_config(record, model_config, config, tokenizer, data_dir, run_dir)
+    if not distributed.same_on_all_ranks(-1 if record is None else record["iteration"], world, device):
         raise ConfigError(f"the processes of this job found different checkpoints in {run_dir}; "
                           f"on several nodes the run directory must be on a filesystem they all share")
-    model_config.vocab_size = tokenizer.vocab_size
+    model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     config.validate()
     micro_batch = config.batch_size // config.grad_accum
     if micro_batch % world.world_size != 0:
         raise ConfigError(
-            f"the micro-batch ({micro_batch} = batch_size / grad_accum) must divide among {world.world_size} processes"
-        )
+            f"the micro-batch ({micro_batch} = batch_size / grad_accum) must divide among {world.world_size} processes")
     train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) <= model_config.block_size + 1:
-            raise ConfigError(
-                f"block_size {model_config.block_size} is larger than the {split} split "
-                f"({len(tokens)} characters); use a smaller block_size or more data"
-            )
-
+            raise ConfigError(f"block_size {model_config.block_size} is larger than the {split} split "
+                              f"({len(tokens)} characters); use a smaller block_size or more data")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
     configure_backends(device)
-    precision = _run_precision(device, config.dtype, record, world)
-    model = GPT(model_config).to(device)
-    optimizers = build_optimizers(model, config, device)
-    sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world)
-    start_iteration, best_val_loss = 0, None
+    plan = _speed_plan(config, model_config, device, record, world)
+    config = plan.resolved(config)
+    model = speed.apply(GPT(model_config).to(device), plan)
+    sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world.rank, world.world_size)
+    state = TrainingState(model, build_optimizers(model, config, device), sampler)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
     if record is not None:
-        checkpoint.load_weights(model, checkpoint.load_tensors(run_dir, record, "model"))
-        model.to(device)
-        state = checkpoint.load_tensors(run_dir, record, "state")
-        load_optimizer_state(optimizers, state, record["optimizer_groups"])
-        _restore_rng(state, record, sampler, device)
-        start_iteration, best_val_loss = record["iteration"], record["best_val_loss"]
+        training_state.restore(run_dir, record, state, device)
+    step_model = ddp_model = distributed.wrap(model, world, device)
+    if config.compile:
+        step_model = torch.compile(ddp_model)
+    run = Run(run_dir, model_config, config, tokenizer, device, world, plan, state, step_model, ddp_model,
+              train_tokens, val_tokens, record is not None)
+    if world.is_main:
+        _write_run_files(run, record)
+        _log_start(run, record, log)
+    return run
+
+
+def _resume_record(run_dir: Path, resume: bool, world: Distributed, log) -> dict | None:
+    if not resume:
+        return None
+    if not (run_dir / "last.json").exists():
+        # a job that always passes --resume (requeued by a scheduler, restarted by torchrun
+        # --max-restarts) may have died before its first checkpoint: it starts from the beginning
         if world.is_main:
-            # drop lines written after this checkpoint: they will be written again
-            size = metrics_path.stat().st_size if metrics_path.exists() else 0
-            if size < record["metrics_bytes"]:
-                raise checkpoint.CheckpointError(
-                    f"{metrics_path} is shorter than when iteration {start_iteration} was saved; "
-                    f"it was altered, so the run cannot continue it")
-            with open(metrics_path, "r+b") as f:
-                f.truncate(record["metrics_bytes"])
-    elif world.is_main:
+            log(f"--resume: no checkpoint in {run_dir} yet (no last.json); starting from iteration 0")
+        return None
+    return checkpoint.read_record(run_dir, "last")
+
+
+def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig, tokenizer: CharTokenizer,
+                   data_dir: Path, run_dir: Path) -> TrainConfig:
+    """The saved training config, with the changes a continuing run may make (RESUMABLE_KEYS);
+    any other difference from the saved run is refused with the key named. A speed choice
+    asked for as "auto" keeps the run's recorded one."""
+    saved_model = model_config_from_dict(record["model_config"])
+    differences = ", ".join(f"{f.name} {getattr(saved_model, f.name)!r} vs {getattr(model_config, f.name)!r}"
+                            for f in fields(ModelConfig)
+                            if f.name != "vocab_size" and getattr(model_config, f.name) != getattr(saved_model, f.name))
+    if differences:
+        raise ConfigError(f"--resume: the run in {run_dir} has a different model config ({differences})")
+    if record["tokenizer"] != tokenizer.to_dict():
+        raise ConfigError(f"--resume: the data in {data_dir} has a different vocabulary than the run in {run_dir}")
+    saved = train_config_from_dict(record["train_config"])
+    changes = {}
+    for f in fields(TrainConfig):
+        asked, kept = getattr(config, f.name), getattr(saved, f.name)
+        if asked == kept or (f.name in speed.SPEED_KEYS and asked == "auto"):
+            continue
+        if f.name not in RESUMABLE_KEYS:
+            raise ConfigError(f"--resume: {f.name} cannot change when a run continues (the run has {kept!r}, "
+                              f"asked {asked!r}); only {', '.join(RESUMABLE_KEYS)} can")
+        changes[f.name] = asked
+    return dataclasses.replace(saved, **changes)
+
+
+def _speed_plan(config: TrainConfig, model_config: ModelConfig, device: torch.device, record: dict | None,
+                world: Distributed) -> speed.SpeedPlan:
+    """The run's speed plan: decided (and timed) once when it starts, read back on resume
+    (unless it resumes on another kind of device), and rank 0's for every process."""
+    if record is None:
+        plan = speed.plan(device, config, model_config.dropout)
+    elif record.get("device_type") == device.type:
+        # runs saved before the speed choices were recorded have their precision in the record
+        dtype = record.get("precision", "float32") if config.dtype == "auto" else config.dtype
+        plan = speed.plan(device, dataclasses.replace(config, dtype=dtype), model_config.dropout,
+                          given="as the run started")
+    else:  # resumed on another kind of device: what was fastest there says nothing here
+        plan = speed.plan(device, dataclasses.replace(config, **dict.fromkeys(speed.SPEED_KEYS, "auto")),
+                          model_config.dropout)
+    if world.enabled:
+        options = (("float32", "bfloat16"), ("sdpa", "explicit"), ("torch", "bits16"), ("off", "on"))
+        mine = [plan.precision.name, plan.attention, plan.dropout_mask, plan.decode_copies]
+        chosen = distributed.rank0_choices([o.index(v) for o, v in zip(options, mine, strict=True)], world, device)
+        names = [o[i] for o, i in zip(options, chosen, strict=True)]
+        if names != mine:
+            plan = speed.SpeedPlan(Precision(getattr(torch, names[0]), f"{names[0]}: rank 0's choice"), *names[1:],
+                                   dict.fromkeys(("attention", "dropout_mask", "decode_copies"), "rank 0's choice"))
+    return plan
+
+
+def _write_run_files(run: Run, record: dict | None) -> None:
+    """config.json and tokenizer.json; a fresh run starts its metrics, a resumed one cuts
+    them back to what its checkpoint had seen (later rows will be written again)."""
+    metrics_path = run.metrics_path
+    if record is not None:
+        size = metrics_path.stat().st_size if metrics_path.exists() else 0
+        if size < record["metrics_bytes"]:
+            raise CheckpointError(f"{metrics_path} is shorter than when iteration {record['iteration']} was saved; "
+                                  f"it was altered, so the run cannot continue it")
+        with open(metrics_path, "r+b") as f:
+            f.truncate(record["metrics_bytes"])
+    else:
         metrics_path.write_text("")
         for name in ("last", "best"):
-            (run_dir / f"{name}.json").unlink(missing_ok=True)
-    if world.is_main:
-        (run_dir / "config.json").write_text(json.dumps(
-            {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config)}, indent=1))
-        tokenizer.save(run_dir / "tokenizer.json")
+            (run.run_dir / f"{name}.json").unlink(missing_ok=True)
+    (run.run_dir / "config.json").write_text(json.dumps(
+        {"model": dataclasses.asdict(run.model_config), "train": dataclasses.asdict(run.config)}, indent=1))
+    run.tokenizer.save(run.run_dir / "tokenizer.json")
 
-    step_model = ddp_model = model
-    if world.enabled:
-        from torch.nn.parallel import DistributedDataParallel
 
-        step_model = ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        step_model = torch.compile(step_model)
-
+def _log_start(run: Run, record: dict | None, log) -> None:
+    model, world = run.state.model, run.world
     parameters = model.num_parameters()
-    tokens_per_iteration = config.batch_size * model_config.block_size
-    if world.is_main:
-        log(f"model: {parameters:,} parameters ({parameters / 1e6:.2f} M); "
-            f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token")
-        log(f"device: {device}; precision: {precision.reason}; processes: {world.world_size}")
-        if record is not None:
-            saved_world = record.get("world_size", 1)
-            log(f"resuming from iteration {start_iteration}" + (
-                f" (saved by {saved_world} processes, continued by {world.world_size}: the same global batches)"
-                if saved_world != world.world_size else ""))
-            if start_iteration >= config.max_iters:
-                log(f"the run is already at max_iters ({config.max_iters}): nothing to train; "
-                    f"pass a larger --max-iters to extend it")
+    log(f"model: {parameters:,} parameters ({parameters / 1e6:.2f} M); "
+        f"{model.flops_per_token() / 1e6:.1f} MFLOP per training token")
+    log(f"device: {run.device}; processes: {world.world_size}")
+    for line in run.plan.describe():
+        log(f"  {line}")
+    if record is None:
+        return
+    saved_world = record.get("world_size", 1)
+    log(f"resuming from iteration {run.state.iteration}" + (
+        f" (saved by {saved_world} processes, continued by {world.world_size}: the same global batches)"
+        if saved_world != world.world_size else ""))
+    if run.state.iteration >= run.config.max_iters:
+        log(f"the run is already at max_iters ({run.config.max_iters}): nothing to train; "
+            f"pass a larger --max-iters to extend it")
 
-    stop_signal: list[int] = []
 
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
+def _record_fields(run: Run, val_loss: float | None, clock: _Clock) -> dict:
+    """What every checkpoint record of this run says besides its tensors."""
+    return {
+        "iteration": run.state.iteration,
+        "model_config": dataclasses.asdict(run.model_config),
+        "train_config": dataclasses.asdict(run.config),
+        "tokenizer": run.tokenizer.to_dict(),
+        "best_val_loss": run.state.best_val_loss,
+        "val_loss": val_loss,
+        "metrics_bytes": run.metrics_path.stat().st_size if run.metrics_path.exists() else 0,
+        "precision": run.precision.name,
+        "device_type": run.device.type,
+        "world_size": run.world.world_size,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "elapsed": clock.elapsed(),
+    }
 
-    previous_handlers = {}
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+class _Clock:
+    """Wall-clock seconds spent in this run, earlier sessions of a resumed run included."""
+
+    def __init__(self, before: float):
+        self.before, self.start = before, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+class _LossWindow:
+    """The training loss summed on the device between progress-bar updates (the one host sync)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.iterations, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.iterations += 1
+
+    def report(self, bar, iteration: int, lr: float, config: TrainConfig, clock: _Clock, block_size: int) -> None:
+        mean_loss = self.loss.item() / self.iterations
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"the loss became {mean_loss} near iteration {iteration}; stopped without saving. "
+                f"The last good checkpoint is intact; lower learning_rate and --resume or start again")
+        seconds = time.perf_counter() - self.start
+        postfix = {"loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}",
+                   "tok_s": f"{self.iterations * config.batch_size * block_size / seconds:,.0f}"}
+        if config.max_time > 0:
+            postfix["left"] = f"{max(0.0, config.max_time - clock.elapsed()):.0f}s"
+        bar.set_postfix(postfix)
+        bar.update(self.iterations)
+        self.loss.zero_()
+        self.iterations, self.start = 0, time.perf_counter()
+
+
+def _progress_bar(run: Run, progress: bool):
+    # with a time budget the iteration count is only an upper bound: the bar shows time left instead
+    budget = run.config.max_time
+    return tqdm(total=None if budget > 0 else run.config.max_iters, initial=run.state.iteration,
+                desc=f"train ({budget:.0f} s budget)" if budget > 0 else "train", unit="it",
+                disable=not (progress and run.world.is_main), dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Ctrl-C and SIGTERM, noted instead of raised, so the loop can save and stop cleanly."""
+    requests: list[int] = []
+    previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            previous_handlers[signum] = signal.signal(signum, request_stop)
+            previous[signum] = signal.signal(signum, lambda number, frame: requests.append(number))
         except ValueError:  # not the main thread: leave signals alone
             pass
-
-    def record_fields(iteration: int, val_loss):
-        return {
-            "iteration": iteration,
-            "model_config": dataclasses.asdict(model_config),
-            "train_config": dataclasses.asdict(config),
-            "tokenizer": tokenizer.to_dict(),
-            "best_val_loss": best_val_loss,
-            "val_loss": val_loss,
-            "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
-            "precision": precision.name,
-            "device_type": device.type,
-            "world_size": world.world_size,
-            "elapsed": elapsed(),
-        }
-
-    # with a time budget the iteration count is only an upper bound: the bar shows time left instead
-    bar = tqdm(total=None if config.max_time > 0 else config.max_iters, initial=start_iteration,
-               desc=f"train ({config.max_time:.0f} s budget)" if config.max_time > 0 else "train", unit="it",
-               disable=not (progress and world.is_main), dynamic_ncols=True)
-    model.train()
-    iteration = start_iteration
-    last_val_loss = None
-    interrupted = False
-    window_loss = torch.zeros((), device=device)
-    window_start, window_iterations = time.perf_counter(), 0
-    # wall-clock seconds spent in this run so far, earlier sessions of a resumed run included
-    elapsed_before = record.get("elapsed", 0.0) if record is not None else 0.0
-    loop_start = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - loop_start
-
-    time_up = False
     try:
-        while iteration < config.max_iters and not time_up:
-            if model_config.dropout > 0:
-                torch.manual_seed(dropout_seed(config.seed, world.rank, iteration))
-            lr = learning_rate_at(iteration, config, elapsed())
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            for micro_step in range(config.grad_accum):
-                x, y = sampler.next(micro_batch, device)
-                last_micro_step = micro_step == config.grad_accum - 1
-                # only the last micro-step all-reduces the gradients
-                sync = ddp_model.no_sync() if world.enabled and not last_micro_step else contextlib.nullcontext()
-                with sync, precision.autocast(device):
-                    _, loss = step_model(x, y)
-                    loss = loss / config.grad_accum
-                loss.backward()
-                window_loss += loss.detach()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            iteration += 1
-            window_iterations += 1
-
-            # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
-            time_up = config.max_time > 0 and _agree(elapsed() >= config.max_time, world, device)
-            if iteration % LOG_INTERVAL == 0 or iteration == config.max_iters or time_up:
-                mean_loss = window_loss.item() / window_iterations  # the one host sync
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"the loss became {mean_loss} near iteration {iteration}; stopped without saving. "
-                        f"The last good checkpoint is intact; lower learning_rate and --resume or start again"
-                    )
-                window_seconds = time.perf_counter() - window_start
-                postfix = {"loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}",
-                           "tok_s": f"{window_iterations * tokens_per_iteration / window_seconds:,.0f}"}
-                if config.max_time > 0:
-                    postfix["left"] = f"{max(0.0, config.max_time - elapsed()):.0f}s"
-                bar.set_postfix(postfix)
-                bar.update(window_iterations)
-                window_loss.zero_()
-                window_start, window_iterations = time.perf_counter(), 0
-
-            if iteration % config.eval_interval == 0 or iteration == config.max_iters or time_up:
-                train_loss = estimate_loss(model, train_tokens, config, model_config.block_size,
-                                           config.seed + iteration, world, device, precision)
-                last_val_loss = validation_loss(model, val_tokens, config, config.seed + iteration + 1, world,
-                                                device, precision)
-                if not (math.isfinite(train_loss) and math.isfinite(last_val_loss)):
-                    raise TrainingDiverged(f"the evaluation loss became non-finite at iteration {iteration}; "
-                                           f"the last good checkpoint is intact")
-                improved = best_val_loss is None or last_val_loss < best_val_loss
-                if improved:
-                    best_val_loss = last_val_loss
-                if world.is_main:
-                    row = {
-                        "iteration": iteration, "train_loss": round(train_loss, 6), "val_loss": round(last_val_loss, 6),
-                        "val_bits_per_char": round(last_val_loss / math.log(2), 6), "lr": lr,
-                        "tokens_seen": iteration * tokens_per_iteration,
-                    }
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())  # on disk before the checkpoint that counts its bytes
-                    plot_losses(metrics_path, run_dir / "loss.png")
-                    bar.write(f"iteration {iteration}: train loss {train_loss:.4f}, val loss {last_val_loss:.4f} "
-                              f"({last_val_loss / math.log(2):.3f} bits/char)")
-                    if improved:
-                        checkpoint.save_checkpoint(run_dir, "best", record_fields(iteration, last_val_loss),
-                                                   {"model": checkpoint.model_tensors(model)})
-                    _save_last(run_dir, model, optimizers, sampler, device, record_fields(iteration, last_val_loss))
-                if world.enabled:
-                    dist.barrier()
-            if _should_stop(stop_signal, iteration, world, device):
-                interrupted = True
-                break
+        yield requests
     finally:
-        bar.close()
-        for signum, handler in previous_handlers.items():
+        for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if interrupted:
-        if world.is_main:
-            _save_last(run_dir, model, optimizers, sampler, device, record_fields(iteration, last_val_loss))
-            print(f"interrupted: saved iteration {iteration} to {run_dir}; continue with --resume",
-                  file=sys.stderr)
-        if world.enabled:
-            dist.barrier()
-    return TrainResult(iteration, last_val_loss, best_val_loss, interrupted, parameters, precision.name, world.rank)
 
 
-
-
-def _should_stop(stop_signal: list, iteration: int, world: Distributed, device: torch.device) -> bool:
+def _stop_agreed(requests: list[int], iteration: int, world: Distributed, device: torch.device) -> bool:
     """True once Ctrl-C or SIGTERM arrived. Ranks agree at the logging cadence, so all of
     them stop after the same iteration."""
     if not world.enabled:
-        return bool(stop_signal)
-    if iteration % LOG_INTERVAL != 0:
-        return False
-    flag = torch.tensor(float(bool(stop_signal)), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _agree(flag: bool, world: Distributed, device: torch.device) -> bool:
-    """The same decision on every rank (rank 0's)."""
-    if not world.enabled:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return bool(requests)
+    return iteration % LOG_INTERVAL == 0 and distributed.any_rank(bool(requests), world, device)

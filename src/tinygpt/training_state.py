@@ -1,0 +1,94 @@
+"""What a training run is at one moment, and how the `last` checkpoint saves and restores it.
+
+`TrainingState` holds everything the next iteration depends on: the weights, the optimizer
+state, the batch sampler's position, the iteration, the best validation loss and the
+wall-clock time spent so far. Together with the global RNG states (torch, CUDA, numpy,
+python) that is exactly what `save` writes and `restore` reads back, so a resumed run
+continues bit for bit. Dropout masks need no state: they are seeded from (seed, rank,
+iteration) each iteration (train.dropout_seed).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinygpt import checkpoint
+from tinygpt.data import BatchSampler
+from tinygpt.model import GPT
+
+
+@dataclass
+class TrainingState:
+    model: GPT
+    optimizers: list[torch.optim.Optimizer]
+    sampler: BatchSampler
+    iteration: int = 0
+    best_val_loss: float | None = None
+    elapsed_before: float = 0.0  # wall-clock seconds of the run's earlier sessions
+
+
+def optimizer_state(optimizers) -> tuple[dict[str, torch.Tensor], list]:
+    """Flatten optimizer state dicts into named tensors plus JSON-able parameter groups."""
+    tensors, groups = {}, []
+    for i, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()
+        for param_id, entries in state["state"].items():
+            for key, value in entries.items():
+                tensors[f"optimizer.{i}.{param_id}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        groups.append(state["param_groups"])
+    return tensors, groups
+
+
+def load_optimizer_state(optimizers, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    for i, optimizer in enumerate(optimizers):
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        prefix = f"optimizer.{i}."
+        for name, value in tensors.items():
+            if name.startswith(prefix):
+                param_id, key = name[len(prefix):].split(".", 1)
+                state.setdefault(int(param_id), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": groups[i]})
+
+
+def save(run_dir: Path, state: TrainingState, device: torch.device, record_fields: dict) -> None:
+    """Write the `last` checkpoint: weights, optimizer, sampler and every RNG state."""
+    tensors, groups = optimizer_state(state.optimizers)
+    tensors.update({"rng.torch": torch.get_rng_state(), "rng.sampler": state.sampler.generator.get_state()})
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    record = {
+        **record_fields,
+        "iteration": state.iteration,
+        "best_val_loss": state.best_val_loss,
+        "optimizer_groups": groups,
+        "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(),
+                      *[float(x) if isinstance(x, float) else int(x) for x in numpy_state[2:]]],
+    }
+    checkpoint.save_checkpoint(run_dir, "last", record,
+                               {"model": checkpoint.model_tensors(state.model), "state": tensors})
+
+
+def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.device) -> None:
+    """Load the `last` checkpoint described by `record` into `state` and the global RNGs."""
+    checkpoint.load_weights(state.model, checkpoint.load_tensors(run_dir, record, "model"))
+    state.model.to(device)
+    tensors = checkpoint.load_tensors(run_dir, record, "state")
+    load_optimizer_state(state.optimizers, tensors, record["optimizer_groups"])
+    torch.set_rng_state(tensors["rng.torch"])
+    state.sampler.generator.set_state(tensors["rng.sampler"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    version, internal, gauss = record["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = record["numpy_rng"]
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    state.iteration, state.best_val_loss = record["iteration"], record["best_val_loss"]
+    state.elapsed_before = record.get("elapsed", 0.0)
