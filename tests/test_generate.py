@@ -276,3 +276,37 @@ def test_sample_prints_the_same_text_without_the_cache(runs, positions, extra):
     assert cached == uncached
     first = cached.split("--- sample 2 ---")[0]
     assert "The king" in first and len(first) > 160
+
+
+def test_generation_leaves_the_global_rng_and_the_model_mode_alone():
+    """An unseeded generation seeds a generator of its own; a model in training mode is
+    back in training mode afterwards (and generated in eval mode: no dropout)."""
+    model = small_model("rope")
+    model.config.dropout = 0.5
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    first = list(generate_ids(model, [1, 2], 20, temperature=0.0))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training
+    second = list(generate_ids(model, [1, 2], 20, temperature=0.0))  # greedy: dropout would change it
+    assert [int(t) for t in first] == [int(t) for t in second]
+    steps = generate_ids(model, [1, 2], 20)
+    next(steps)
+    assert not model.training  # eval mode while generating
+    steps.close()
+    assert model.training
+
+
+def test_generation_runs_the_lm_head_on_the_last_position_only():
+    model = small_model("rope")
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[1]))
+    prompt = list(range(1, 30))
+    for use_cache in (True, False):
+        rows.clear()
+        list(generate_ids(model, prompt, 5, seed=0, use_cache=use_cache))
+        assert rows == [1] * 5, (use_cache, rows)

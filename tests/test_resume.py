@@ -318,3 +318,33 @@ def test_saving_an_iteration_again_never_overwrites_the_committed_files(tmp_path
     assert record["files"]["model"]["file"] != first
     assert torch.equal(checkpoint.load_tensors(tmp_path, record, "model")["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == [record["files"]["model"]["file"], "last.json"]
+
+
+def test_resume_honours_the_keys_that_may_change(data_dir, saved_run):
+    """--set and --max-iters on --resume: eval_interval, eval_iters, max_time and compile take
+    effect; the saved run's other settings stay."""
+    result = _run_cli(["train", "--data", str(data_dir), "--out", str(saved_run), "--resume", "--max-iters", "8",
+                       "--set", "eval_interval=2", "--set", "eval_iters=3", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    assert _metrics_iterations(saved_run) == [4, 6, 8]
+    saved = checkpoint.read_record(saved_run, "last")["train_config"]
+    assert (saved["eval_interval"], saved["eval_iters"], saved["max_iters"]) == (2, 3, 8)
+    assert saved["dtype"] == "float32"  # from the run, not the default preset
+
+
+@pytest.mark.parametrize("change", ["learning_rate=0.5", "batch_size=4", "seed=3", "attention=sdpa"])
+def test_resume_refuses_a_change_that_would_make_another_run(data_dir, saved_run, change):
+    result = _run_cli(["train", "--data", str(data_dir), "--out", str(saved_run), "--resume", "--max-iters", "8",
+                       "--set", change, "--no-progress"])
+    key = change.split("=")[0]
+    _assert_one_line_error(result.returncode, result.stderr, f"--resume: {key} cannot change")
+
+
+def test_resume_honours_compile(data_dir, saved_run, monkeypatch):
+    import tinygpt.train
+
+    compiled = []
+    monkeypatch.setattr(tinygpt.train.torch, "compile", lambda module: compiled.append(module) or module)
+    assert main(["train", "--data", str(data_dir), "--out", str(saved_run), "--resume", "--max-iters", "6",
+                 "--compile", "--no-progress"]) == 0
+    assert compiled and checkpoint.read_record(saved_run, "last")["train_config"]["compile"] is True

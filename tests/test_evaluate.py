@@ -1,0 +1,29 @@
+"""Evaluation split across processes: the shards' sums add up to the whole split's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tinygpt.config import ModelConfig
+from tinygpt.evaluate import evaluate_tokens, split_nats
+from tinygpt.model import GPT
+
+
+@pytest.mark.parametrize("stride", [16, 5, 1])
+@pytest.mark.parametrize("length", [17, 100, 333])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shards_add_up_to_the_whole_split(stride, length, shards):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    tokens = np.random.default_rng(length).integers(0, 20, length).astype(np.uint8)
+    whole = split_nats(model, tokens, batch_size=3, stride=stride)
+    counted = []
+    parts = [split_nats(model, tokens, batch_size=3, stride=stride, shard=(rank, shards),
+                        progress=counted.append) for rank in range(shards)]
+    assert sum(parts) == pytest.approx(whole, rel=1e-6)  # float32 sums, grouped differently
+    assert sum(counted) == length - 1  # every prediction scored by exactly one shard
+    if length >= shards * 16:  # enough windows for every shard: each did only its share
+        assert all(0 < part < whole for part in parts)
+    assert evaluate_tokens(model, tokens, batch_size=3, stride=stride).loss == pytest.approx(whole / (length - 1), rel=1e-6)
