@@ -20,16 +20,15 @@ def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_importing_the_package_sets_no_environment_and_loads_no_torch():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    result = subprocess.run(
-        [sys.executable, "-c", "import os, sys, tinygpt; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"],
-        capture_output=True, text=True, timeout=120, env=env)
+    code = "import os, sys, tinygpt; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.stdout.split() == ["None", "False"], result.stderr
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["presets"], ["train"], ["sample", "--top-k", "x", "run"]])
 def test_help_presets_and_argument_errors_do_not_import_torch(argv):
-    code = ("import sys\nfrom tinygpt.cli import main\ntry:\n    code = main(%r)\nexcept SystemExit as e:\n"
-            "    code = e.code\nprint('torch loaded' if 'torch' in sys.modules else 'no torch', code)" % argv)
+    code = (f"import sys\nfrom tinygpt.cli import main\ntry:\n    code = main({argv!r})\nexcept SystemExit as e:\n"
+            "    code = e.code\nprint('torch loaded' if 'torch' in sys.modules else 'no torch', code)")
     result = _python(code)
     assert result.stdout.strip().splitlines()[-1].startswith("no torch"), result.stdout + result.stderr
 
