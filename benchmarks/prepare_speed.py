@@ -231,7 +231,8 @@ def measure_kind(kind: str, args: argparse.Namespace, variants: list[Variant], w
 
 def summarise(kind: str, corpus_mb: float, runs: dict[Variant, list[dict]], several_sources: bool) -> list[dict]:
     """One row per variant: MB/s of wall time and of CPU time (median and range), and the speed
-    relative to the first variant, from the medians and from each round's pair of runs."""
+    relative to the first variant: from the medians, from each round's pair of runs, and from
+    the fastest runs (on a machine others share, each variant's least disturbed run)."""
     baseline = next(iter(runs.values()))
     rows = []
     for variant, results in runs.items():
@@ -246,6 +247,7 @@ def summarise(kind: str, corpus_mb: float, runs: dict[Variant, list[dict]], seve
             row[f"{name}_low"], row[f"{name}_high"] = corpus_mb / max(seconds), corpus_mb / min(seconds)
             row[f"{name}_ratio"] = statistics.median(b[key] for b in baseline) / statistics.median(seconds)
             row[f"{name}_ratio_low"], row[f"{name}_ratio_high"] = min(per_round), max(per_round)
+            row[f"{name}_ratio_best"] = min(b[key] for b in baseline) / min(seconds)
         anon = [r["peak_rss_anon_kb"] for r in results if r["peak_rss_anon_kb"] is not None]
         row["peak_rss_mb"] = max(r["max_rss_kb"] for r in results) / 1024
         row["peak_rss_anon_mb"] = max(anon) / 1024 if anon else None
@@ -255,10 +257,11 @@ def summarise(kind: str, corpus_mb: float, runs: dict[Variant, list[dict]], seve
 
 def print_table(rows: list[dict], repeats: int) -> None:
     print(f"prepare on {cpu_description()}; {repeats} run(s) per variant, MB = 10^6 bytes, MiB for memory")
-    print("MB/s: median (lowest..highest run); ratio: median speed over the first variant's (lowest..highest round)")
+    print("MB/s: median (lowest..highest run); ratio: speed over the first variant's, of the medians "
+          "(lowest..highest round) and of the fastest runs")
     width = max(11, *(len(row["variant"]) for row in rows))
     header = (f"{'kind':<6} {'variant':<{width}} {'MB':>5} {'vocab':>5} {'dtype':>6} "
-              f"{'wall MB/s':>15} {'wall ratio':>16} {'CPU MB/s':>15} {'CPU ratio':>16} "
+              f"{'wall MB/s':>15} {'wall ratio':>16} {'best':>5} {'CPU MB/s':>15} {'CPU ratio':>16} {'best':>5} "
               f"{'RSS MiB':>7} {'RssAnon MiB':>11}")
     print(header)
     print("-" * len(header))
@@ -269,9 +272,11 @@ def print_table(rows: list[dict], repeats: int) -> None:
             cells.append(f"{median:.0f} ({low:.0f}..{high:.0f})")
             low, high, median = (row[f"{name}_ratio{end}"] for end in ("_low", "_high", ""))
             cells.append(f"{median:.2f} ({low:.2f}..{high:.2f})")
+            cells.append(f"{row[f'{name}_ratio_best']:.2f}")
         anon = f"{row['peak_rss_anon_mb']:.0f}" if row["peak_rss_anon_mb"] is not None else "n/a"
         print(f"{row['kind']:<6} {row['variant']:<{width}} {row['corpus_mb']:>5.0f} {row['vocab']:>5} "
-              f"{row['dtype']:>6} {cells[0]:>15} {cells[1]:>16} {cells[2]:>15} {cells[3]:>16} "
+              f"{row['dtype']:>6} {cells[0]:>15} {cells[1]:>16} {cells[2]:>5} {cells[3]:>15} {cells[4]:>16} "
+              f"{cells[5]:>5} "
               f"{row['peak_rss_mb']:>7.0f} {anon:>11}")
 
 

@@ -25,7 +25,7 @@ window once the text outgrows block_size:
 
 Floating point is the one thing the rule cannot share: the two paths add the same
 numbers in a different order (a matrix-vector product instead of a row of a matrix
-product), so in float32 their probabilities differ by about 1e-8. A character can only
+product), so in float32 their probabilities differ in the last bits. A character can only
 differ when the random draw lands that close to the edge between two characters, which
 the tests (5x past block_size, both position options, sampled and greedy) never see.
 
