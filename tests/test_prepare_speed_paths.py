@@ -293,5 +293,9 @@ def test_prepare_leaves_torch_threads_alone(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes("some text, é\n".encode() * 10)
     threads = torch.get_num_threads()
-    prepare([str(path)], tmp_path / "data")
-    assert torch.get_num_threads() == threads
+    torch.set_num_threads(3)  # prepare counts on one thread inside: it must put 3 back
+    try:
+        prepare([str(path)], tmp_path / "data")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
