@@ -349,3 +349,15 @@ def test_resume_honours_compile(data_dir, saved_run, monkeypatch):
     assert main(["train", "--data", str(data_dir), "--out", str(saved_run), "--resume", "--max-iters", "6",
                  "--compile", "--no-progress"]) == 0
     assert compiled and checkpoint.read_record(saved_run, "last")["train_config"]["compile"] is True
+
+
+def test_a_run_saved_before_an_init_option_existed_still_resumes(data_dir, saved_run):
+    """scaled_residual_init only shapes the first weights: a record without it (older runs)
+    resumes under a preset that sets it either way."""
+    path = saved_run / "last.json"
+    record = json.loads(path.read_text())
+    del record["model_config"]["scaled_residual_init"]
+    path.write_text(json.dumps(record))
+    result = _run_cli(_cli_args(data_dir, saved_run, 6, 2) + ["--resume", "--set", "scaled_residual_init=false"])
+    assert result.returncode == 0, result.stderr
+    assert _metrics_iterations(saved_run) == [4, 6]

@@ -49,6 +49,8 @@ __all__ = ["train", "train_step", "TrainResult", "TrainingDiverged", "build_opti
 LOG_INTERVAL = 10  # iterations between progress-bar updates (the only host syncs)
 # what may change when a run continues; anything else would make it a different run
 RESUMABLE_KEYS = ("max_iters", "max_time", "eval_interval", "eval_iters", "compile")
+# model options that only shape the initial weights: a resumed run has its weights already
+INIT_ONLY_KEYS = ("scaled_residual_init",)
 
 
 @dataclass
@@ -314,7 +316,8 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
     saved_model = model_config_from_dict(record["model_config"])
     differences = ", ".join(f"{f.name} {getattr(saved_model, f.name)!r} vs {getattr(model_config, f.name)!r}"
                             for f in fields(ModelConfig)
-                            if f.name != "vocab_size" and getattr(model_config, f.name) != getattr(saved_model, f.name))
+                            if f.name not in ("vocab_size", *INIT_ONLY_KEYS)
+                            and getattr(model_config, f.name) != getattr(saved_model, f.name))
     if differences:
         raise ConfigError(f"--resume: the run in {run_dir} has a different model config ({differences})")
     if record["tokenizer"] != tokenizer.to_dict():
