@@ -7,8 +7,9 @@
 `--methods plain,vectorised` (the default) runs each kind under both of `tinygpt.utf8`'s
 decoding methods: `plain` (Python's decoder, `np.frombuffer(text.encode("utf-32-le"),
 np.uint32)`, a lookup table) and `vectorised` (ASCII not decoded, multi-byte characters of
-ASCII-heavy chunks decoded with array operations, everything else as plain). `as-is` leaves the
-tree's default, for trees older than `tinygpt.utf8`.
+ASCII-heavy chunks decoded with array operations, everything else as plain). `vectorised-all`
+is vectorised without its per-chunk rule (mostly non-ASCII chunks are vectorised too), to test
+that rule. `as-is` leaves the tree's default, for trees older than `tinygpt.utf8`.
 
 The corpus is random words written into several files: `ascii` is pure ASCII; `mixed` is
 ASCII-heavy text where about one word in 25 is taken from other scripts (accented Latin, Greek,
@@ -127,9 +128,12 @@ def generate_corpus(directory: Path, size_mb: float, kind: str, files: int, seed
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-if sys.argv[4] != "as-is":
+method = sys.argv[4]
+if method != "as-is":
     import tinygpt.utf8
-    tinygpt.utf8.METHOD = sys.argv[4]
+    if method == "vectorised-all":  # the per-chunk rule off: dense non-ASCII chunks vectorised too
+        tinygpt.utf8.DENSE_NON_ASCII, method = 1.0, "vectorised"
+    tinygpt.utf8.METHOD = method
 from tinygpt.data import prepare
 start, cpu_start = time.perf_counter(), time.process_time()
 report = prepare([sys.argv[2]], sys.argv[3], progress=False)
@@ -286,7 +290,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kinds", default="ascii,mixed,wide,cjk",
                         help="comma-separated corpus kinds: " + "; ".join(f"{k}: {v[0]}" for k, v in KINDS.items()))
     parser.add_argument("--methods", default="plain,vectorised",
-                        help="comma-separated decoding methods of tinygpt.utf8 (plain, vectorised), or as-is "
+                        help="comma-separated decoding methods of tinygpt.utf8 (plain, vectorised, "
+                             "vectorised-all: without the per-chunk rule), or as-is "
                              "for the tree's default (default: plain,vectorised; ratios are against the first)")
     parser.add_argument("--files", type=int, default=8, help="number of files the corpus is split into")
     parser.add_argument("--repeats", type=int, default=6, help="prepare runs per kind and variant (default 6)")
