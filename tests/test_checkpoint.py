@@ -105,9 +105,10 @@ def test_crash_before_commit_keeps_previous_checkpoint(tmp_path, monkeypatch):
         real_write(path, data)
 
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", crash_on_record)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="could not write .*last.json.*simulated crash.*intact"):
         save(make_model(seed=1), tmp_path, iteration=20)
     monkeypatch.undo()
+    assert not list(tmp_path.glob("*00000020*")) and not list(tmp_path.glob(".*.tmp"))  # nothing of it is left
     assert read_record(tmp_path, "last")["iteration"] == 10
     assert torch.equal(logits_of(load_model(tmp_path)[0]), logits_of(old))
 

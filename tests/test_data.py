@@ -193,6 +193,50 @@ def test_skip_policy(tmp_path, capsys):
     assert meta["symbol_counts"] == dict(Counter("".join(texts)))
 
 
+def test_a_leading_bom_is_stripped_per_file(tmp_path):
+    """Editors' U+FEFF at the start of a file is no symbol; one later in a file is text."""
+    texts = {"a.txt": "\ufeffbom first\n", "b.txt": "\ufeffagain\n", "c.txt": "no bom, one \ufeff inside\n"}
+    for name, text in texts.items():
+        write_text(tmp_path / "in" / name, text)
+    prepare([str(tmp_path / "in")], tmp_path / "data", val_fraction=0.0)
+    meta = read_meta(tmp_path / "data")
+    assert read_split(tmp_path / "data", "train") == "bom first\nagain\nno bom, one \ufeff inside\n"
+    assert meta["symbol_counts"]["\ufeff"] == 1
+    assert meta["boms_stripped"] == 2
+    assert [f["bom_stripped"] for f in meta["files"]] == [True, True, False]
+    assert [f["characters"] for f in meta["files"]] == [len(t.removeprefix("\ufeff")) for t in texts.values()]
+    assert meta["bytes"] == sum(len(t.encode()) for t in texts.values())  # the BOM's bytes were read
+
+
+def test_strict_offset_after_a_bom_counts_from_the_start_of_the_file(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("\ufeffab".encode() + b"\xff")
+    with pytest.raises(DataError, match=r"byte offset 5\b"):
+        prepare([str(bad)], tmp_path / "data")
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 4])
+def test_line_endings_become_lf_unless_kept(tmp_path, monkeypatch, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
+    texts = ["windows\r\nlines\r\n\r\n", "old mac\rlines\r", "mixed\r\r\nunix\n"]
+    paths = [write_text(tmp_path / "in" / f"{i}.txt", text) for i, text in enumerate(texts)]
+    prepare([str(p) for p in paths], tmp_path / "lf", val_fraction=0.25)
+    normalised = ["windows\nlines\n\n", "old mac\nlines\n", "mixed\n\nunix\n"]
+    check_split(tmp_path / "lf", normalised, 0.25)
+    meta = read_meta(tmp_path / "lf")
+    assert "\r" not in meta["tokenizer"]["chars"]
+    assert meta["symbol_counts"] == dict(Counter("".join(normalised)))
+    assert (meta["line_endings"], meta["crlf_converted"], meta["cr_converted"]) == ("normalised", 4, 3)
+    assert [(f["crlf_converted"], f["cr_converted"]) for f in meta["files"]] == [(3, 0), (0, 2), (1, 1)]
+
+    prepare([str(p) for p in paths], tmp_path / "kept", val_fraction=0.25, keep_line_endings=True)
+    check_split(tmp_path / "kept", texts, 0.25)
+    meta = read_meta(tmp_path / "kept")
+    assert meta["symbol_counts"]["\r"] == 7
+    assert (meta["line_endings"], meta["crlf_converted"], meta["cr_converted"]) == ("kept", 0, 0)
+
+
 def test_input_errors(tmp_path):
     with pytest.raises(DataError, match="no such file or directory: .*missing"):
         prepare([str(tmp_path / "missing")], tmp_path / "data")

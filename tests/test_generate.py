@@ -311,3 +311,77 @@ def test_generation_runs_the_lm_head_on_the_last_position_only():
         rows.clear()
         list(generate_ids(model, prompt, 5, seed=0, use_cache=use_cache))
         assert rows == [1] * 5, (use_cache, rows)
+
+
+# ----------------------------------------------------------------------------- arguments out of range
+
+COUNTS = "--num-samples must be >= 1 and --max-new-tokens >= 0"
+FILTERS = "--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]"
+SEEDS = "--seed must be >= 0 and < 2**63"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_new_tokens": -1}, COUNTS),
+    ({"num_samples": 0}, COUNTS),
+    ({"num_samples": -1}, COUNTS),
+    ({"top_p": 0.0}, FILTERS),
+    ({"top_p": 1.5}, FILTERS),
+    ({"top_k": 0}, FILTERS),
+    ({"top_k": -3}, FILTERS),
+    ({"temperature": -0.5}, FILTERS),
+    ({"temperature": float("nan")}, FILTERS),
+    ({"seed": -1}, SEEDS),
+    ({"seed": 2**63}, SEEDS),
+    ({"seed": 2**64}, SEEDS),
+])
+def test_the_library_refuses_what_the_cli_refuses(options, message):
+    from tinygpt.errors import ConfigError
+    from tinygpt.generate import generate_text
+    from tinygpt.tokenizer import CharTokenizer
+
+    model = small_model("rope")
+    options = {"max_new_tokens": 5, **options}
+    with pytest.raises(ConfigError) as refused:
+        next(generate_ids(model, [1, 2], **options))
+    assert str(refused.value) == message
+    tokenizer = CharTokenizer([chr(ord("a") + i) for i in range(40)])
+    with pytest.raises(ConfigError) as refused_text:
+        generate_text(model, tokenizer, "ab", **options)
+    assert str(refused_text.value) == message
+
+
+def test_the_edges_of_each_range_are_accepted():
+    model = small_model("rope")
+    assert list(generate_ids(model, [1, 2], 0)) == []
+    for options in ({"top_p": 1.0, "top_k": 1}, {"temperature": 0.0}, {"seed": 0}, {"seed": 2**63 - 1}):
+        steps = list(generate_ids(model, [1, 2], 3, **options))
+        assert len(steps) == 3 and all(0 <= int(t) < 40 for t in steps)
+
+
+@pytest.mark.parametrize(("flags", "options"), [
+    (["--top-p", "1.5"], {"top_p": 1.5}),
+    (["--top-k", "0"], {"top_k": 0}),
+    (["--num-samples", "0"], {"num_samples": 0}),
+    (["--seed", "-1"], {"seed": -1}),
+    (["--seed", str(2**64)], {"seed": 2**64}),
+])
+def test_sample_and_the_library_share_one_check(flags, options, capsys, tmp_path):
+    from tinygpt.cli import main
+    from tinygpt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        next(generate_ids(small_model("rope"), [1], 5, **options))
+    # the check comes before the run is read: a missing run directory is never reached
+    assert main(["sample", str(tmp_path / "no-run"), *flags]) == 1
+    assert capsys.readouterr().err == f"tinygpt sample: error: {refused.value}\n"
+
+
+def test_interleaved_generations_keep_eval_mode_and_restore_the_first_mode():
+    model = small_model("rope").train()
+    first, second = generate_ids(model, [1, 2], 10, seed=1), generate_ids(model, [3, 4], 10, seed=2)
+    next(first)
+    next(second)
+    first.close()
+    assert not model.training  # the second is still generating: no dropout for it
+    list(second)
+    assert model.training

@@ -273,3 +273,20 @@ def test_strided_evaluate_gives_each_character_its_rule_context(stride, length):
     for bad_stride in (0, block + 1):
         with pytest.raises(TinyGPTError, match="stride"):
             evaluate_tokens(model, tokens, stride=bad_stride)
+
+
+@pytest.mark.parametrize(("preset", "scaled"), [("cpu", True), ("gpt", True), ("seed", False)])
+def test_residual_projections_start_at_gpt2_scale(preset, scaled):
+    """0.02 / sqrt(2 n_layer) for the projections into the residual stream (GPT-2's init),
+    0.02 elsewhere; the seed preset keeps the notebook's plain 0.02 everywhere."""
+    from tinygpt.config import get_preset
+
+    model_config, _ = get_preset(preset)
+    model_config.vocab_size = 50
+    torch.manual_seed(0)
+    model = GPT(model_config)
+    residual = 0.02 / math.sqrt(2 * model_config.n_layer) if scaled else 0.02
+    for block in model.blocks:
+        for projection in (block.attn.proj, block.mlp.down):
+            assert projection.weight.std().item() == pytest.approx(residual, rel=0.05)
+        assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)

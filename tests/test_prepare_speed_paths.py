@@ -69,17 +69,19 @@ def method(request, monkeypatch) -> str:
     return request.param
 
 
-def decoded_by_chunks(path, errors: str = "strict") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def decoded_by_chunks(path, errors: str = "strict", **reading) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Code points of the file as pass 2 would encode them (in chunks of
     `tinygpt.data.CHUNK_BYTES`, as prepare reads), the per-code-point counts pass 1 would make,
-    and which path each chunk took ("fast" or "python")."""
+    and which path each chunk took ("fast" or "python"). `reading`: decoded_chunks' options."""
     table, ascii_identity = identity_tables()
     pieces, paths = [], []
     counts = np.zeros(tinygpt.data.MAX_CODE_POINT, dtype=np.int64)
-    for chunk in tinygpt.utf8.decoded_chunks(path, errors, tinygpt.data.CHUNK_BYTES):
+    for chunk in tinygpt.utf8.decoded_chunks(path, errors, tinygpt.data.CHUNK_BYTES, **reading):
         paths.append("fast" if isinstance(chunk, tinygpt.utf8.Utf8Chunk) else "python")
         pieces.append(tinygpt.utf8.encode(chunk, table, ascii_identity).astype(np.int64))
-        tinygpt.utf8.count_code_points(chunk, counts)
+        present, present_counts = tinygpt.utf8.tally(chunk)
+        assert (np.diff(present) > 0).all() and (present_counts > 0).all()  # distinct, increasing
+        counts[present] += present_counts
     code_points = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     return code_points, counts, paths
 
@@ -299,3 +301,79 @@ def test_prepare_leaves_torch_threads_alone(tmp_path):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- BOM and line endings
+
+
+def as_prepare_reads(text: str) -> str:
+    """The text prepare trains on by default: no leading BOM; CR LF and lone CR made LF."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def line_ending_text(rng: np.random.Generator, n: int) -> str:
+    """Random text thick with CR LF, lone CR, CR CR LF and LF, next to multi-byte characters."""
+    pool = ["\r\n", "\r", "\n", "\r\r\n", "\n\r", "a", "b", " ", "é", "日", "😀", "\ufeff"]
+    return "".join(pool[i] for i in rng.integers(len(pool), size=n))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 4, 5, 7, 9, 64])
+def test_line_endings_across_chunk_boundaries(tmp_path, monkeypatch, method, chunk_bytes):
+    """Wherever a read cuts a CR LF (or a BOM), both methods yield the normalised text, and the
+    counts (pass 1) agree with the code points (pass 2) and with what was changed."""
+    monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(chunk_bytes)
+    ascii_heavy = "\ufeffsome words\r\nthen é, \r\r\nand 日本 here\rend\r\n" * 6  # the vectorised way
+    texts = [ascii_heavy, "\r\n" * 40, "\r" * 9 + "\n"] + [
+        ("\ufeff" if i % 2 else "") + line_ending_text(rng, int(rng.integers(0, 80))) for i in range(12)]
+    paths_taken = set()
+    for i, text in enumerate(texts):
+        path = tmp_path / f"{i}.txt"
+        path.write_bytes(text.encode("utf-8"))
+        changes = tinygpt.utf8.TextChanges()
+        code_points, counts, paths = decoded_by_chunks(path, strip_bom=True, lf_line_endings=True, changes=changes)
+        paths_taken.update(paths)
+        expected = as_prepare_reads(text)
+        assert code_points.tolist() == code_points_of(expected).tolist(), repr(text)
+        assert counts.sum() == len(expected) and all(counts[ord(c)] == expected.count(c) for c in set(expected))
+        body = text.removeprefix("\ufeff")
+        assert changes.bom_stripped == text.startswith("\ufeff")
+        assert changes.crlf_converted == body.count("\r\n")
+        assert changes.cr_converted == body.replace("\r\n", "").count("\r")
+
+        kept, _, _ = decoded_by_chunks(path)  # asked for nothing, the reader changes nothing
+        assert kept.tolist() == code_points_of(text).tolist()
+    assert paths_taken == ({"fast", "python"} if method == "vectorised" else {"python"})
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, 5, 64])
+def test_prepare_normalises_line_endings_the_same_by_either_method(tmp_path, monkeypatch, chunk_bytes):
+    """CR LF files, invalid bytes between CR and LF (replace), a BOM: identical files either way,
+    the documented split of the normalised text, and meta.json's record of what was changed."""
+    monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(7)
+    raws = [("\ufeff" + line_ending_text(rng, 300)).encode(), b"dos line\r\n" * 30 + b"cr\r\xff\n",
+            random_text(rng, 200).replace(" ", "\r\n").encode(), "\ufeff日本語\r\n".encode() * 20]
+    (tmp_path / "in").mkdir()
+    for i, raw in enumerate(raws):
+        (tmp_path / "in" / f"{i}.txt").write_bytes(raw)
+    outputs = {}
+    for name in tinygpt.utf8.METHODS:
+        monkeypatch.setattr(tinygpt.utf8, "METHOD", name)
+        prepare([str(tmp_path / "in")], tmp_path / name, encoding_errors="replace", val_fraction=0.2)
+        outputs[name] = [(tmp_path / name / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")]
+    assert outputs["plain"] == outputs["vectorised"]
+
+    decoded = [raw.decode("utf-8", "replace") for raw in raws]
+    texts = [as_prepare_reads(text) for text in decoded]
+    train, val = expected_split(texts, 0.2)
+    assert read_split(tmp_path / "plain", "train") == train
+    assert read_split(tmp_path / "plain", "val") == val
+    meta = read_meta(tmp_path / "plain")
+    assert "\r" not in meta["tokenizer"]["chars"]
+    assert meta["symbol_counts"]["\ufeff"] == sum(text.count("\ufeff") for text in texts) > 0  # not leading: kept
+    assert meta["line_endings"] == "normalised" and meta["boms_stripped"] == 2
+    bodies = [text.removeprefix("\ufeff") for text in decoded]
+    assert meta["crlf_converted"] == sum(body.count("\r\n") for body in bodies)
+    assert meta["cr_converted"] == sum(body.replace("\r\n", "").count("\r") for body in bodies)
+    assert [f["characters"] for f in meta["files"]] == [len(text) for text in texts]

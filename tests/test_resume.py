@@ -143,7 +143,9 @@ def test_dropout_streams_differ_by_rank_and_iteration_and_repeat():
 def test_resume_without_a_checkpoint_starts_from_the_beginning(data_dir, tmp_path):
     _train(data_dir, tmp_path / "fresh", max_iters=4, eval_interval=4)
     (tmp_path / "resumed").mkdir()
-    (tmp_path / "resumed" / "metrics.jsonl").write_text('{"iteration": 4}\n')  # a row no checkpoint counts
+    # what a run killed before its first checkpoint leaves: its config, and a row no checkpoint counts
+    shutil.copy(tmp_path / "fresh" / "config.json", tmp_path / "resumed" / "config.json")
+    (tmp_path / "resumed" / "metrics.jsonl").write_text('{"iteration": 4}\n')
     result = _train(data_dir, tmp_path / "resumed", max_iters=4, eval_interval=4, resume=True)
     assert result.iterations == 4
     assert _metrics_iterations(tmp_path / "resumed") == [4]
@@ -264,13 +266,13 @@ def test_resume_on_data_with_another_vocabulary_is_refused(data_dir, saved_run, 
 def _damage_truncate(run_dir: Path) -> str:
     path = next(run_dir.glob("last-*.state.safetensors"))
     path.write_bytes(path.read_bytes()[:-100])
-    return "truncated or altered (checksum mismatch)"
+    return "truncated or altered (checksum mismatch"
 
 
 def _damage_foreign_tensors(run_dir: Path) -> str:
     # another checkpoint's file under this one's name: a valid safetensors file, the wrong one
     shutil.copy(next(run_dir.glob("best-*.model.safetensors")), next(run_dir.glob("last-*.state.safetensors")))
-    return "truncated or altered (checksum mismatch)"
+    return "truncated or altered (checksum mismatch"
 
 
 def _damage_truncate_record(run_dir: Path) -> str:
@@ -312,13 +314,26 @@ def test_resume_refuses_metrics_shorter_than_the_checkpoint_counts(data_dir, sav
 def test_saving_an_iteration_again_never_overwrites_the_committed_files(tmp_path):
     tensors = {"model": {"w": torch.zeros(3)}}
     checkpoint.save_checkpoint(tmp_path, "last", {"iteration": 7}, tensors)
-    first = checkpoint.read_record(tmp_path, "last")["files"]["model"]["file"]
-    (tmp_path / ".last-00000003.model.safetensors.tmp").write_bytes(b"left by a killed save")
+    record = json.loads((tmp_path / "last.json").read_text())
+    first = record["files"]["model"]["file"]
     checkpoint.save_checkpoint(tmp_path, "last", {"iteration": 7}, {"model": {"w": torch.ones(3)}})
-    record = checkpoint.read_record(tmp_path, "last")
+    record = json.loads((tmp_path / "last.json").read_text())
     assert record["files"]["model"]["file"] != first
     assert torch.equal(checkpoint.load_tensors(tmp_path, record, "model")["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == [record["files"]["model"]["file"], "last.json"]
+
+
+def test_leftovers_of_a_killed_save_go_and_nothing_else(tmp_path):
+    from tinygpt import rundir
+
+    checkpoint.save_checkpoint(tmp_path, "last", {"iteration": 7}, {"model": {"w": torch.zeros(3)}})
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    leftovers = [".last-00000009.model.safetensors.x1y2.tmp", ".last.json.abc.tmp", "last-00000009.model.safetensors"]
+    mine = ["last-00000009.model.safetensors.bak", "notes.txt", "best-1.model.safetensors", ".last.json.tmp.old"]
+    for name in leftovers + mine:
+        (tmp_path / name).write_bytes(b"x")
+    rundir.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + mine)
 
 
 def test_resume_honours_the_keys_that_may_change(data_dir, saved_run):
@@ -333,7 +348,7 @@ def test_resume_honours_the_keys_that_may_change(data_dir, saved_run):
     assert saved["dtype"] == "float32"  # from the run, not the default preset
 
 
-@pytest.mark.parametrize("change", ["learning_rate=0.5", "batch_size=4", "seed=3", "attention=sdpa"])
+@pytest.mark.parametrize("change", ["learning_rate=0.5", "batch_size=4", "seed=3", "weight_decay=0.5"])
 def test_resume_refuses_a_change_that_would_make_another_run(data_dir, saved_run, change):
     result = _run_cli(["train", "--data", str(data_dir), "--out", str(saved_run), "--resume", "--max-iters", "8",
                        "--set", change, "--no-progress"])
@@ -361,3 +376,24 @@ def test_a_run_saved_before_an_init_option_existed_still_resumes(data_dir, saved
     result = _run_cli(_cli_args(data_dir, saved_run, 6, 2) + ["--resume", "--set", "scaled_residual_init=false"])
     assert result.returncode == 0, result.stderr
     assert _metrics_iterations(saved_run) == [4, 6]
+
+
+def test_resume_may_change_a_speed_choice(data_dir, saved_run):
+    """A run moved to another machine may need another precision or attention path."""
+    result = _run_cli(["train", "--data", str(data_dir), "--out", str(saved_run), "--resume", "--max-iters", "8",
+                       "--set", "attention=sdpa", "--set", "dtype=float32", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    saved = checkpoint.read_record(saved_run, "last")["train_config"]
+    assert (saved["attention"], saved["dtype"], saved["max_iters"]) == ("sdpa", "float32", 8)
+
+
+def test_a_bf16_run_on_a_cpu_without_bf16_is_told_to_use_float32(data_dir, saved_run, monkeypatch):
+    import tinygpt.train
+
+    path = saved_run / "last.json"
+    record = json.loads(path.read_text())
+    record["train_config"]["dtype"], record["precision"] = "bfloat16", "bfloat16"
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(tinygpt.train, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(tinygpt.train.ConfigError, match="--set dtype=float32"):
+        train_tiny(data_dir, saved_run, 8, 4, {**SETTINGS, "dtype": "auto"}, resume=True)

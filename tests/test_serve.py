@@ -27,9 +27,13 @@ def run_dir(tmp_path_factory):
     return trained_run(tmp_path_factory)
 
 
+TEST_CLIENT_HOSTS = ["testserver"]  # the Host header TestClient sends
+
+
 @pytest.fixture(scope="module")
 def app(run_dir):
-    return create_app(run_dir, device="cpu", limits=Limits(max_prompt_chars=500, max_body_bytes=4096))
+    return create_app(run_dir, device="cpu", limits=Limits(max_prompt_chars=500, max_body_bytes=4096),
+                      allowed_hosts=TEST_CLIENT_HOSTS)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +246,8 @@ def test_admission_queues_in_order_then_refuses(run_dir):
 def test_refusals_at_admission_become_429_and_503_with_retry_after(run_dir, stream):
     body = {"model": "tiny-run", "prompt": "To", "max_tokens": 5, "stream": stream}
     for max_queue, status, kind, retry_after in ((0, 429, "rate_limit_error", "1"), (1, 503, "server_error", "5")):
-        app = create_app(run_dir, device="cpu", limits=Limits(max_active=1, max_queue=max_queue, queue_timeout=0.05))
+        app = create_app(run_dir, device="cpu", limits=Limits(max_active=1, max_queue=max_queue, queue_timeout=0.05),
+                         allowed_hosts=TEST_CLIENT_HOSTS)
         engine = engine_of(app)
         engine.active = 1  # the one slot is taken, as if by a request that never ends
         with TestClient(app) as client:

@@ -259,3 +259,12 @@ def test_decode_copies_off_keeps_the_plain_product():
 def test_the_speed_keys_are_training_config_fields():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(speed.SPEED_KEYS) <= names
+
+
+@pytest.mark.parametrize(("p", "dtype"), [(0.001, torch.bfloat16), (1e-6, torch.float32), (0.999, torch.float32)])
+def test_dropout_mask_at_extreme_rates(p, dtype):
+    """A scale that rounds to 1 keeps every element; a rate near 1 keeps a few."""
+    torch.manual_seed(0)
+    mask = speed.dropout_mask(torch.Size([1000, 1000]), p, dtype)
+    assert mask.double().mean().item() == pytest.approx(1.0, abs=0.05)
+    assert abs((mask == 0).double().mean().item() - p) < 0.005

@@ -216,8 +216,10 @@ def configs_for(preset: str | None, run_dir: str | None) -> tuple[ModelConfig, T
         from tinygpt.config import model_config_from_dict
 
         record = read_record(run_dir, best_or_last(run_dir))
-        return (model_config_from_dict(record["model_config"]), train_config_from_dict(record["train_config"]),
-                f"run {run_dir}", Path(run_dir))
+        # what was fastest where the run trained says nothing about this device: decide afresh
+        train_config = dataclasses.replace(train_config_from_dict(record["train_config"]),
+                                           **dict.fromkeys(speed.SPEED_KEYS, "auto"))
+        return model_config_from_dict(record["model_config"]), train_config, f"run {run_dir}", Path(run_dir)
     model_config, train_config = get_preset(preset or "cpu")
     model_config.vocab_size = BENCH_VOCAB_SIZE
     return model_config, train_config, f"preset {preset or 'cpu'} (vocabulary {BENCH_VOCAB_SIZE})", None
@@ -273,6 +275,7 @@ def _run_bench(preset, run_dir, device, batch_size, repeats, warmup, compile, ge
     else:
         torch.manual_seed(0)
         model = GPT(model_config).to(device_)
+    speed.apply(model, plan)  # the decode path this device's plan chose
     generation = {}
     for use_cache in (True, False):
         label = "cached" if use_cache else "uncached"

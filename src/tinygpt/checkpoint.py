@@ -10,6 +10,12 @@ The JSON record is the commit point. Tensor files get fresh names, are fsynced, 
 then does `last.json` replace its predecessor by an atomic rename (followed by an fsync
 of the directory). A crash at any moment leaves the previous record pointing at complete
 files. Nothing is ever pickled: loading a checkpoint cannot run code.
+
+A checkpoint is input like any other: its record is validated against one schema
+(`Record`), tensor file names must be plain names of this run's own pattern, sizes are
+compared (with `stat`) before anything is read, the configured model's size must match its
+weights file before anything is allocated, and tensors must have the model's shapes and
+dtypes. Each failure is one CheckpointError line.
 """
 
 from __future__ import annotations
@@ -17,16 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors
 import safetensors.torch
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tinygpt.config import ModelConfig, model_config_from_dict
-from tinygpt.errors import CheckpointError
+from tinygpt.config import ModelConfig, model_config_from_dict, train_config_from_dict
+from tinygpt.errors import CheckpointError, ConfigError, TinyGPTError
 from tinygpt.model import GPT
+from tinygpt.rundir import TENSOR_FILE
 from tinygpt.tokenizer import CharTokenizer
 
 FORMAT = "tinygpt-checkpoint"
@@ -42,13 +51,18 @@ def _fsync_directory(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync it, rename it over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file of a unique name, fsync it, rename it over `path`, fsync the
+    directory. If anything fails, the temporary file goes and `path` is as it was."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     _fsync_directory(path.parent)
 
 
@@ -65,67 +79,146 @@ def save_checkpoint(
     record: dict[str, Any],
     tensors: dict[str, dict[str, torch.Tensor]],
 ) -> None:
-    """Save tensor groups (e.g. {"model": ..., "state": ...}) and the JSON record."""
+    """Save tensor groups (e.g. {"model": ..., "state": ...}) and the JSON record. On a
+    failure (a full disk) what this save wrote is removed and the previous checkpoint stays."""
     run_dir = Path(run_dir)
-    stem = _fresh_stem(run_dir, name, int(record["iteration"]))
-    files = {}
-    for kind, group in tensors.items():
-        filename = f"{stem}.{kind}.safetensors"
-        data = safetensors.torch.save(group, metadata={"format": FORMAT, "kind": kind})
-        atomic_write_bytes(run_dir / filename, data)
-        files[kind] = {"file": filename, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    record = {"format": FORMAT, "version": VERSION, "name": name, **record, "files": files}
-    atomic_write_bytes(run_dir / f"{name}.json", json.dumps(record, ensure_ascii=False, indent=1).encode())
-    # only now are older tensor files of this checkpoint unreferenced; temporary files
-    # left by a save that was killed go too
-    keep = {f["file"] for f in files.values()}
-    for old in [*run_dir.glob(f"{name}-*.safetensors"), *run_dir.glob(f".{name}-*.safetensors.tmp")]:
-        if old.name not in keep:
-            old.unlink(missing_ok=True)
+    previous = _files_of(run_dir / f"{name}.json")
+    stem = _reserve_stem(run_dir, name, int(record["iteration"]))
+    written = [run_dir / f"{stem}.{kind}.safetensors" for kind in tensors]
+    files, target = {}, written[0]
+    try:
+        for (kind, group), target in zip(tensors.items(), written, strict=True):
+            data = safetensors.torch.save(group, metadata={"format": FORMAT, "kind": kind})
+            atomic_write_bytes(target, data)
+            files[kind] = {"file": target.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        record = {"format": FORMAT, "version": VERSION, "name": name, **record, "files": files}
+        target = run_dir / f"{name}.json"
+        atomic_write_bytes(target, json.dumps(record, ensure_ascii=False, indent=1).encode())
+    except OSError as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {str(target)!r}: {e.strerror or e}; the checkpoint {name!r} "
+                              f"of the last save is intact and nothing of this save was kept") from None
+    # only now are the files of the record this one replaced unreferenced; delete those
+    # (names tinyGPT wrote, of this checkpoint only), never anything else
+    for old in previous - {f["file"] for f in files.values()}:
+        if TENSOR_FILE.fullmatch(old) and old.startswith(f"{name}-"):
+            (run_dir / old).unlink(missing_ok=True)
 
 
-def _fresh_stem(run_dir: Path, name: str, iteration: int) -> str:
+def _files_of(record_path: Path) -> set[str]:
+    try:
+        files = json.loads(record_path.read_text(encoding="utf-8")).get("files", {})
+        return {entry["file"] for entry in files.values()}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return set()
+
+
+def _reserve_stem(run_dir: Path, name: str, iteration: int) -> str:
     """`last-00000500`, or `last-00000500-1`, ... when that iteration was saved before (an
-    interrupted run saves again where it stopped): a file the current record points to is
-    never overwritten."""
-    stem, counter = f"{name}-{iteration:08d}", 0
-    while any(run_dir.glob(f"{stem}.*.safetensors")):
+    interrupted run saves again where it stopped): the first stem whose model file does not
+    exist, claimed by creating it (O_EXCL), so no file a record points to is ever
+    overwritten, not even by another process saving at the same moment."""
+    counter = 0
+    while True:
+        stem = f"{name}-{iteration:08d}" + (f"-{counter}" if counter else "")
+        try:
+            os.close(os.open(run_dir / f"{stem}.model.safetensors", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            if not (run_dir / f"{stem}.state.safetensors").exists():
+                return stem
+            (run_dir / f"{stem}.model.safetensors").unlink()
+        except FileExistsError:
+            pass
         counter += 1
-        stem = f"{name}-{iteration:08d}-{counter}"
-    return stem
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(pattern=TENSOR_FILE.pattern)  # a plain name of this run's own pattern: no path
+    sha256: str = Field(pattern=r"[0-9a-f]{64}")
+    bytes: int = Field(ge=0, strict=True)
+
+
+class Record(BaseModel):
+    """The schema of a checkpoint's JSON record (`last` has the training state's fields too)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), populate_by_name=True)
+
+    format: Literal["tinygpt-checkpoint"]
+    version: Literal[1]
+    name: Literal["last", "best"]
+    iteration: int = Field(ge=0, strict=True)
+    model_settings: dict[str, Any] = Field(alias="model_config")
+    train_config: dict[str, Any] | None = None
+    tokenizer: dict[str, Any]
+    best_val_loss: float | None = None
+    val_loss: float | None = None
+    metrics_bytes: int = Field(0, ge=0, strict=True)
+    precision: Literal["float32", "bfloat16"] = "float32"
+    device_type: str = "cpu"
+    world_size: int = Field(1, ge=1, strict=True)
+    elapsed: float = Field(0.0, ge=0)
+    files: dict[Literal["model", "state"], FileEntry]
+    optimizer_groups: list[list[dict[str, Any]]] | None = None
+    python_rng: tuple[int, list[int], float | None] | None = None
+    numpy_rng: tuple[str, list[int], int, int, float] | None = None
 
 
 def read_record(run_dir: str | Path, name: str) -> dict[str, Any]:
+    """A checkpoint's record, validated: one CheckpointError line for anything malformed."""
     path = Path(run_dir) / f"{name}.json"
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint {name!r} in {run_dir} (missing {path.name})")
+        raise CheckpointError(f"no checkpoint {name!r} in {str(run_dir)!r} (missing {path.name})")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        raise CheckpointError(f"{path} is corrupt: not valid JSON") from None
+        raise CheckpointError(f"{str(path)!r} is corrupt: not valid JSON") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tinygpt checkpoint")
+        raise CheckpointError(f"{str(path)!r} is not a tinygpt checkpoint")
     if record.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {record.get('version')}; this tinygpt reads {VERSION}")
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {record.get('version')}; "
+                              f"this tinygpt reads {VERSION}")
+    try:
+        Record.model_validate(record)
+        model_config_from_dict(record["model_config"])
+        if record.get("train_config") is not None:
+            train_config_from_dict(record["train_config"])
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]).replace("model_settings", "model_config")
+        missing = " (the record is incomplete)" if error["type"] == "missing" else ""
+        raise CheckpointError(f"{str(path)!r} is malformed: {where}: {error['msg']}{missing}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{str(path)!r} is malformed: {e}") from None
     return record
 
 
 def load_tensors(run_dir: str | Path, record: dict[str, Any], kind: str) -> dict[str, torch.Tensor]:
-    """Read one tensor file of a checkpoint after checking its size and SHA-256."""
+    """Read one tensor file of a checkpoint: its size checked before it is read, its SHA-256
+    as it is read."""
+    entry = (record.get("files") or {}).get(kind)
+    if not isinstance(entry, dict) or not TENSOR_FILE.fullmatch(str(entry.get("file"))):
+        raise CheckpointError(f"checkpoint {record.get('name')!r} names no valid {kind} tensor file")
+    path = Path(run_dir) / entry["file"]
     try:
-        entry = record["files"][kind]
-        path = Path(run_dir) / entry["file"]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {record.get('name')!r} has no {kind} tensors") from None
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    data = path.read_bytes()
-    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise CheckpointError(f"checkpoint file {path} is truncated or altered (checksum mismatch)")
+        size = path.stat().st_size
+    except OSError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
+    if size != entry.get("bytes"):
+        raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or altered (checksum mismatch: "
+                              f"{size:,} bytes, its record says {entry.get('bytes')})")
+    digest, data = hashlib.sha256(), bytearray()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            data += chunk
+    if digest.hexdigest() != entry.get("sha256"):
+        raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or altered (checksum mismatch)")
     try:
-        return safetensors.torch.load(data)
+        return safetensors.torch.load(bytes(data))
     except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise CheckpointError(f"checkpoint file {path} is not a valid safetensors file: {e}") from None
+        raise CheckpointError(f"checkpoint file {str(path)!r} is not a valid safetensors file: {e}") from None
 
 
 def best_or_last(run_dir: str | Path) -> str:
@@ -138,20 +231,52 @@ def best_or_last(run_dir: str | Path) -> str:
     raise CheckpointError(f"{run_dir} holds no checkpoint (no best.json or last.json)")
 
 
-def build_model(record: dict[str, Any]) -> tuple[GPT, CharTokenizer, ModelConfig]:
+def build_model(record: dict[str, Any], allocate: bool = True) -> tuple[GPT, CharTokenizer, ModelConfig]:
+    """The model a record describes. Its size is checked against the weights file first
+    (shapes only, on the meta device), so an absurd config cannot allocate memory;
+    allocate=False returns the meta-device model (enough to count parameters)."""
     try:
         config = model_config_from_dict(record["model_config"])
         tokenizer = CharTokenizer.from_dict(record["tokenizer"])
+        config.validate()
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint record is incomplete: {e}") from None
+    except TinyGPTError as e:
+        raise CheckpointError(f"checkpoint record has an impossible model config: {e}") from None
     if config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError("checkpoint's vocabulary size and tokenizer disagree")
-    return GPT(config), tokenizer, config
+    weights_bytes = (record.get("files") or {}).get("model", {}).get("bytes", 0)
+    estimate = 4 * estimated_parameters(config)  # float32 weights
+    if not estimate <= weights_bytes * 1.5 + (1 << 20) or weights_bytes > 2 * estimate + (1 << 20):
+        raise CheckpointError(f"checkpoint's model config describes about {estimate:,} bytes of weights, "
+                              f"its weights file has {weights_bytes:,}: the record does not fit its weights")
+    with torch.device("meta"):
+        shapes = GPT(config)
+    if not allocate:
+        return shapes, tokenizer, config
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG
+        model = GPT(config)
+    return model, tokenizer, config
+
+
+def estimated_parameters(config: ModelConfig) -> int:
+    """The parameter count from the config alone, to within biases and norms: embeddings,
+    4 C^2 of attention and 8 C^2 of MLP per layer, the head."""
+    C, V = config.n_embd, config.vocab_size
+    positions = config.block_size * C if config.positions == "learned" else 0
+    head = 0 if config.tie_embeddings else V * C
+    return V * C + positions + config.n_layer * 12 * C * C + head
 
 
 def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
+    """Load weights of exactly the model's names, shapes and dtypes (nothing is cast)."""
     if model.config.tie_embeddings and "token_embedding.weight" in tensors:
         tensors = {**tensors, "lm_head.weight": tensors["token_embedding.weight"]}
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tensor.dtype != expected[name].dtype:
+            raise CheckpointError(f"weights: {name} is {tensor.dtype}, the model's is {expected[name].dtype}; "
+                                  f"this checkpoint was not written by tinygpt")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -170,6 +295,6 @@ def load_model(
     load_weights(model, load_tensors(run_dir, record, "model"))
     model = model.to(device).eval()
     recorded = (record.get("train_config") or {}).get("decode_copies", "auto")
-    if recorded in ("on", "off"):
-        model.decode_copies = recorded == "on"
+    if recorded in ("on", "off") and record.get("device_type") == torch.device(device).type:
+        model.decode_copies = recorded == "on"  # else speed.decoding's rule for this device
     return model, tokenizer

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tinygpt import omp
 from tinygpt.config import PRESETS, apply_overrides, get_preset, known_keys
-from tinygpt.errors import PeerLost, TinyGPTError
+from tinygpt.errors import ConfigError, PeerLost, TinyGPTError
 
 # commands whose speed depends on how OpenMP threads wait (omp.py), and which say what they chose
 TORCH_COMMANDS = ("train", "eval", "sample", "chat", "serve", "bench")
@@ -31,7 +31,8 @@ def cmd_prepare(args) -> int:
     from tinygpt.data import prepare
 
     report = prepare(args.inputs, args.out, val_fraction=args.val_fraction, glob=args.glob,
-                     encoding_errors=args.encoding_errors, progress=None if not args.no_progress else False)
+                     encoding_errors=args.encoding_errors, progress=None if not args.no_progress else False,
+                     keep_line_endings=args.keep_line_endings, overwrite=args.overwrite)
     kept = [f for f in report.files if f.status != "skipped"]
     print(f"prepared {len(kept)} file(s) into {report.out_dir}: vocabulary {len(report.vocab)} symbols, "
           f"{report.train_tokens:,} train + {report.val_tokens:,} val characters")
@@ -67,8 +68,10 @@ def cmd_train(args) -> int:
 
     model_config, train_config = _configs(args)
     print(args.threads_line)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it over: choose one")
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, overwrite=args.overwrite)
     if result.val_loss is not None and result.rank == 0:
         print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} "
               f"({result.val_loss / 0.6931471805599453:.3f} bits/char, as logged); run saved in {args.out}")
@@ -108,15 +111,11 @@ def cmd_eval(args) -> int:
 
 def cmd_sample(args) -> int:
     from tinygpt.checkpoint import load_model
-    from tinygpt.generate import stream_text
+    from tinygpt.generate import check_sampling, stream_text
     from tinygpt.hardware import resolve_device
 
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise TinyGPTError("--num-samples must be >= 1 and --max-new-tokens >= 0")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or (
-        args.top_p is not None and not 0 < args.top_p <= 1
-    ):
-        raise TinyGPTError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    # the library's own check (generate_ids makes it too), before the model loads
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.num_samples)
     model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
     tokenizer.encode(args.prompt)  # unknown characters: one line, before anything is printed
     print(args.threads_line, file=sys.stderr)
@@ -210,9 +209,12 @@ def cmd_serve(args) -> int:
     for name in ("max_active", "max_queue", "max_tokens", "threads"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise TinyGPTError(f"--{name.replace('_', '-')} must be a positive number")
+    if any(not name.strip() for name in args.allow_host):
+        raise TinyGPTError("--allow-host needs a host name (or * for any)")
     limits = Limits(max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens)
     print(args.threads_line, flush=True)
-    serve(args.run_dir, host=args.host, port=args.port, device=args.device, limits=limits, threads=args.threads)
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device, limits=limits, threads=args.threads,
+          allow_hosts=args.allow_host, docs=args.docs)
     return 0
 
 
@@ -263,11 +265,17 @@ def _add_training_commands(sub) -> None:
     p = sub.add_parser("prepare", help="turn text files into token files")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files, directories, or 'shakespeare' (the built-in complete works)")
-    p.add_argument("--out", required=True, metavar="DATA_DIR")
+    p.add_argument("--out", required=True, metavar="DATA_DIR",
+                   help="a new or empty folder, or an earlier prepare's output (its files are replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that holds no tinyGPT data, replacing any meta.json, "
+                        "train.bin and val.bin there (other files stay)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out (default 0.1)")
     p.add_argument("--glob", default="*.txt", help="file pattern inside directories (default *.txt)")
     p.add_argument("--encoding-errors", choices=("strict", "replace", "skip"), default="strict",
                    help="invalid UTF-8: stop (strict), substitute U+FFFD (replace) or skip the file")
+    p.add_argument("--keep-line-endings", action="store_true",
+                   help="keep CR LF and lone CR as they are (default: each becomes LF)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -282,6 +290,8 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in RUN_DIR when it holds a run: deletes that run's checkpoints and metrics")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -334,6 +344,10 @@ def _add_serving_and_measuring_commands(sub) -> None:
     p.add_argument("--max-active", type=int, default=8, help="requests generating at once (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=1024, help="the cap on max_tokens per request (default 1024)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; * for any), e.g. behind a "
+                        "reverse proxy or on a LAN (default: the --host address, and loopback names on loopback)")
+    p.add_argument("--docs", action="store_true", help="serve the API's documentation at /docs, /redoc, /openapi.json")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="type prompts, watch the model continue them (streamed)")

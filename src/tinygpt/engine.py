@@ -15,6 +15,11 @@ It knows nothing of HTTP. `serve.py` (the OpenAI-compatible adapter) and `playgr
    attention recorder is switched on for the whole model).
 4. A request that stops asking (its client left) ends its generation within one time
    slice: the model thread only works when the event loop asks it for the next slice.
+5. When the model itself fails (it raises on the model thread, or its probabilities or
+   attention weights are not finite numbers, as with NaN weights) the request gets
+   `ModelFailed`, whose message names what failed (the traceback goes to the log, not to
+   the client). Its slot is released as for any other ending, and the model thread and
+   the engine go on serving the next request.
 
 Scheduling (who gets the model thread, for how long, on how many rows) lives here only.
 The per-request text state of a completion (`Choice`: stop sequences, text held back from
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +50,23 @@ from tinygpt.tokenizer import CharTokenizer, UnknownCharacterError
 BUSY_RETRY_AFTER = 1  # seconds a client refused at a full queue is told to wait
 OVERLOADED_RETRY_AFTER = 5  # seconds a client that timed out in the queue is told to wait
 
+log = logging.getLogger(__name__)
+
 
 class PromptRejected(TinyGPTError):
     """A prompt the engine cannot take: longer than `Limits.max_prompt_chars`, or holding
     characters outside the vocabulary (HTTP 400 on `prompt`)."""
+
+
+class ModelFailed(TinyGPTError):
+    """The model failed on a request: it raised on the model thread, or produced numbers
+    that are not finite (NaN weights, say). The request ends (HTTP 500); the engine does not."""
+
+
+def _describe(error: BaseException) -> str:
+    """The exception's type and the first line of its message: what failed, without a traceback."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +111,7 @@ class Engine:
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         self.completed = 0
         self.cancelled = 0
+        self.failed = 0  # requests the model failed (ModelFailed)
 
     # -- admission: a FIFO semaphore made of futures, so it binds to no particular event loop
 
@@ -140,9 +160,21 @@ class Engine:
                 return
         self.active -= 1
 
-    async def call(self, function: Callable, *args) -> Any:
-        """Run function(*args) on the model thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+    async def call(self, function: Callable, *args, doing: str = "running") -> Any:
+        """Run function(*args) on the model thread. A TinyGPTError it raises arrives as it is;
+        any other exception is logged with its traceback and arrives as ModelFailed, whose
+        message says what the model was doing and what failed."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        except ModelFailed:
+            self.failed += 1
+            raise
+        except TinyGPTError:
+            raise
+        except Exception as e:
+            self.failed += 1
+            log.error("tinygpt: the model failed while %s", doing, exc_info=e)
+            raise ModelFailed(f"the model failed while {doing}: {_describe(e)}") from e
 
     # -- generation
 
@@ -162,29 +194,48 @@ class Engine:
                     stop_early: Callable[[], bool] | None = None) -> AsyncIterator[list[Any]]:
         """Yield lists of convert(ids (n,), probs (n, V)), one per generated step, a time
         slice at a time; stop when the steps run out or stop_early() says so. convert and
-        stop_early run on the model thread."""
+        stop_early run on the model thread. ModelFailed when the model raises or its
+        probabilities are not finite numbers."""
         iterator = generate_ids(
             self.model, prompt_ids, sampling.max_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
             top_p=sampling.top_p, seed=sampling.seed, num_samples=sampling.n, with_probs=True,
         )
 
+        failure: list[Exception] = []  # a failure that came after some steps of a slice
+
         def time_slice() -> tuple[list[Any], bool]:
             # Several steps per trip to the model thread: one trip costs two thread switches,
             # which on a busy machine cost more than a step of a small model.
+            if failure:
+                raise failure.pop()
             results: list[Any] = []
             deadline = time.perf_counter() + self.limits.time_slice
-            for ids, probs in iterator:
-                results.append(convert(ids, probs))
-                if stop_early is not None and stop_early():
-                    return results, True
-                if time.perf_counter() >= deadline:
-                    return results, False
+            try:
+                for ids, probs in iterator:
+                    # a greedy step takes the argmax of NaN without complaint: refuse to return garbage
+                    if not bool(probs.isfinite().all()):
+                        raise ModelFailed("the model failed while generating: its probabilities are not finite "
+                                          "numbers (are its weights NaN or infinite?)")
+                    results.append(convert(ids, probs))
+                    if stop_early is not None and stop_early():
+                        return results, True
+                    if time.perf_counter() >= deadline:
+                        return results, False
+            except Exception as e:
+                if not results:
+                    raise
+                failure.append(e)  # deliver the steps made so far; the next trip raises it
+                return results, False
             return results, True
 
-        finished = False
+        finished = failed = False
         try:
             while not finished:
-                results, finished = await self.call(time_slice)
+                try:
+                    results, finished = await self.call(time_slice, doing="generating")
+                except ModelFailed:
+                    failed = True
+                    raise
                 if results:
                     yield results
         finally:
@@ -192,15 +243,19 @@ class Engine:
             self.executor.submit(iterator.close)
             if finished:
                 self.completed += 1
-            else:
+            elif not failed:
                 self.cancelled += 1
 
     def attention(self, text: str, query: int | None) -> dict[str, Any]:
-        """Attention weights for the last block_size characters of text (runs on the model thread)."""
+        """Attention weights for the last block_size characters of text (runs on the model
+        thread); ModelFailed when they are not finite numbers."""
         block = self.model.config.block_size
         shown = text[-block:]
         ids = torch.tensor([self.tokenizer.encode(shown)], device=next(self.model.parameters()).device)
         maps = self.model.attention_maps(ids).float()  # (L, nh, T, T)
+        if not bool(maps.isfinite().all()):  # JSON has no NaN: say so rather than fail to answer
+            raise ModelFailed("the model failed while reading attention: its attention weights are not finite "
+                              "numbers (are its weights NaN or infinite?)")
         if query is not None:
             maps = maps[:, :, query, :]  # (L, nh, T)
         return {

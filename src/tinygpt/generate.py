@@ -41,12 +41,15 @@ global random number generators (an unseeded generation seeds a generator of its
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
 
 from tinygpt import speed
 from tinygpt.config import ModelConfig
+from tinygpt.errors import ConfigError
 from tinygpt.model import GPT
 
 BUFFER_STEPS = 4096  # new characters the token buffer has room for before it first doubles
@@ -129,6 +132,24 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
+SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): what torch.Generator.manual_seed takes without wrapping
+
+
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int | None = None, num_samples: int = 1) -> None:
+    """Raise ConfigError unless these are arguments generation can honour as asked. The one
+    check behind `generate_ids` and `tinygpt sample`, so the two say the same thing."""
+    if not (num_samples >= 1 and max_new_tokens >= 0):
+        raise ConfigError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    # written as `not (... ok ...)` so that NaN fails too
+    if not (temperature >= 0) or (top_k is not None and not top_k >= 1) or (
+        top_p is not None and not 0 < top_p <= 1
+    ):
+        raise ConfigError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ConfigError("--seed must be >= 0 and < 2**63")
+
+
 def generate_ids(
     model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -136,7 +157,9 @@ def generate_ids(
 ) -> Iterator[torch.Tensor]:
     """Yield the next ids (num_samples,) one step at a time; with_probs also yields each
     step's probability distribution (num_samples, V) as (ids, probs). The model runs in
-    eval mode meanwhile and returns to its mode when the generation ends or is closed."""
+    eval mode meanwhile and returns to its mode when the generation ends or is closed.
+    Arguments out of range (see check_sampling) raise ConfigError when iteration starts."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed, num_samples)
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token")
     device = next(model.parameters()).device
@@ -145,17 +168,34 @@ def generate_ids(
         generator.seed()  # a fresh random seed for this generator alone: the global RNG is not touched
     else:
         generator.manual_seed(seed)
-    was_training = model.training
+    def choose(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    # batch-1 steps may read per-core weight copies, dropped at the end
+    with _eval_mode(model), speed.decoding(model):
+        for next_ids, next_logits in _steps(model, prompt, max_new_tokens, num_samples, use_cache, choose):
+            yield (next_ids, next_logits.float().softmax(dim=-1)) if with_probs else next_ids
+
+
+_generating: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [open generations, mode]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: GPT):
+    """Eval mode while any generation on the model is open; the mode the model had before
+    the first one opened comes back when the last one closes (generations may interleave)."""
+    depth, mode = _generating.get(model, (0, model.training))
+    _generating[model] = (depth + 1, mode)
     model.eval()
     try:
-        with speed.decoding(model):  # batch-1 steps may read per-core weight copies, dropped at the end
-            def choose(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
-                return sample_next(logits, temperature, top_k, top_p, generator)
-
-            for next_ids, next_logits in _steps(model, prompt, max_new_tokens, num_samples, use_cache, choose):
-                yield (next_ids, next_logits.float().softmax(dim=-1)) if with_probs else next_ids
+        yield
     finally:
-        model.train(was_training)
+        depth, mode = _generating[model]
+        if depth == 1:
+            del _generating[model]
+            model.train(mode)
+        else:
+            _generating[model] = (depth - 1, mode)
 
 
 @torch.inference_mode()

@@ -108,6 +108,10 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 @cache
 def _cpu_bf16_choice() -> Precision:
     flags = cpu_flags()

@@ -212,6 +212,8 @@ class GPT(nn.Module):
             x = block(x, rotary, mask, cache, layer, start)
         x = self.final_norm(x)
         if last_only:
+            if targets is not None:
+                raise ValueError("last_only gives one position's logits: there is no loss to compute")
             x = x[:, -1:, :]  # generation needs the next token's logits only: (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:

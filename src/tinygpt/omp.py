@@ -4,8 +4,9 @@ Spinning waits (ACTIVE) answer fastest when every core is ours: batch-1 decoding
 operation after another, gains the most. On a machine where other processes are busy they
 are ruinous: a thread spins on a core another process needs, its sibling is descheduled,
 and every parallel operation waits a time slice. So: the user's OMP_WAIT_POLICY wins;
-commands that run for hours or serve others (train, serve) sleep (PASSIVE), since the
-machine's load will change under them; short commands spin when the machine is quiet now.
+commands that run for hours, serve others or wait for a person (train, serve, chat) sleep
+(PASSIVE), since the machine's load will change under them; short commands (sample, eval,
+bench) spin when the machine is quiet now.
 BENCHMARKS.md ("OpenMP wait policy") has the measurements. This module imports no torch.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-LONG_RUNNING = ("train", "serve")
+LONG_RUNNING = ("train", "serve", "chat")  # chat waits at its prompt: spinning threads would hold the cores
 QUIET_LOAD = 0.5  # below this 1-minute load average, no other process competes for a core
 
 

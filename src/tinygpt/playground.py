@@ -11,7 +11,9 @@ they answer with the adapter's error bodies and server-sent events (serve.py).
 How /api/generate flows: the request is checked against the limits, the engine encodes the
 prompt and admits the request, and each generated step becomes one event holding the sampled
 character, its probability and the top-k alternatives; a first event describes the model, a
-last one counts the characters and the seconds they took.
+last one counts the characters and the seconds they took. Once admitted, the stream always
+ends with `data: [DONE]`: when the model fails on the way (engine.ModelFailed), an OpenAI-style
+error event (`data: {"error": {...}}`) takes the place of the last one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from tinygpt.engine import Engine, Sampling
-from tinygpt.serve import APIError, check_sampling, event_stream, sse
+from tinygpt.serve import DONE, APIError, check_sampling, event_stream, sse, stream_failure
 
 STATIC_DIR = Path(str(resources.files("tinygpt") / "static"))
 
@@ -93,16 +95,23 @@ async def _generate(engine: Engine, body: GenerateRequest) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         started = time.perf_counter()
         count = 0
+        failure = None
         async with engine.slot():
             yield sse({"model": engine.model_id, "prompt_tokens": len(body.prompt),
                        "block_size": engine.model.config.block_size})
-            async with aclosing(engine.steps(prompt_ids, sampling, convert)) as steps:
-                async for results in steps:
-                    count += len(results)
-                    yield "".join(sse(step) for step in results)
+            try:
+                async with aclosing(engine.steps(prompt_ids, sampling, convert)) as steps:
+                    async for results in steps:
+                        count += len(results)
+                        yield "".join(sse(step) for step in results)
+            except Exception as error:  # the model failed: say so, then end the stream as always
+                failure = error
+        if failure is not None:
+            yield stream_failure(failure)
+            return
         seconds = time.perf_counter() - started
         yield sse({"finish_reason": "length", "tokens": count, "seconds": round(seconds, 4)})
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     return await event_stream(events())
 
@@ -116,4 +125,4 @@ async def _attention(engine: Engine, body: AttentionRequest) -> dict[str, Any]:
         raise APIError(400, f"query {body.query} is outside the {shown} characters the model sees", param="query")
     engine.encode_prompt(text[-block:])  # PromptRejected (a 400) on characters outside the vocabulary
     async with engine.slot():
-        return await engine.call(engine.attention, text, body.query)
+        return await engine.call(engine.attention, text, body.query, doing="reading attention")

@@ -19,19 +19,41 @@ and what a character model can honour (400, or 404 for another model's name);
 `Engine.steps` generates a time slice at a time on the model thread, each step's characters
 going into one `Choice` per sample, which applies the stop sequences. A plain request is
 answered when its steps end; a streamed one sends each slice's new text as an event. The
-engine's typed errors become statuses here (`_engine_error`): `PromptRejected` 400,
-`ServerBusy` 429 and `ServerOverloaded` 503, both with Retry-After. A client that
-disconnects cancels its request: the loop stops asking the engine for more steps.
+engine's typed errors become statuses here (`api_error_of`): `PromptRejected` 400,
+`ServerBusy` 429 and `ServerOverloaded` 503, both with Retry-After, `ModelFailed` 500. A
+client that disconnects cancels its request: the loop stops asking the engine for more steps.
+
+What is guaranteed:
+
+* Every error is OpenAI's JSON body `{"error": {"message", "type", "param", "code"}}` with
+  its status: 4xx for what the request asked, 429/503 for a full server, 500 (type
+  "server_error") when the model fails (it raises on the model thread, or its numbers are
+  not finite, as with NaN weights) or the server has a bug. A 500's message names what
+  failed; the traceback goes to the server's log only.
+* A streamed request, once admitted, always ends with `data: [DONE]`; a failure on the way
+  is sent first as one event `data: {"error": {...}}`. Refusals at admission (429/503)
+  come before the stream starts, as plain JSON errors.
+* A failed request releases its slot like any other, and the server goes on serving.
+* Every request must name an allowed host in its `Host` header, or it gets 403 (the check
+  comes before anything else, the body limit included). By default those are this
+  machine's loopback names (localhost, 127.0.0.1, ::1); `serve` adds the address it listens
+  on, and `--allow-host NAME` (`*`: any) adds more, for a reverse proxy or a LAN. This
+  stops a web page from driving the API through DNS rebinding: its requests name its own
+  host. `serve` warns on stderr when it listens beyond loopback.
+* `/docs`, `/redoc` and `/openapi.json` exist only with `--docs` (`create_app(docs=True)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import logging
 import socket
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -41,15 +63,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from tinygpt.checkpoint import load_model
-from tinygpt.engine import Engine, Limits, PromptRejected, Sampling
+from tinygpt.engine import Engine, Limits, ModelFailed, PromptRejected, Sampling
 from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
 from tinygpt.hardware import resolve_device
 from tinygpt.model import GPT
 from tinygpt.tokenizer import CharTokenizer
 
-__all__ = ["APIError", "Choice", "Engine", "Limits", "create_app", "serve"]
+__all__ = ["APIError", "Choice", "Engine", "Limits", "LOOPBACK_HOSTS", "create_app", "hosts_for_bind", "serve"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names an app answers by default
 
 
 class APIError(Exception):
@@ -60,18 +87,29 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def _engine_error(error: PromptRejected | ServerBusy | ServerOverloaded) -> APIError:
-    """The HTTP status and OpenAI error body for an error the engine raised."""
+def api_error_of(error: Exception) -> APIError:
+    """The HTTP status and OpenAI error body for any exception a request ended with."""
+    if isinstance(error, APIError):
+        return error
     if isinstance(error, ServerBusy):
         return APIError(429, str(error), kind="rate_limit_error", headers={"Retry-After": str(error.retry_after)})
     if isinstance(error, ServerOverloaded):
         return APIError(503, str(error), kind="server_error", headers={"Retry-After": str(error.retry_after)})
-    return APIError(400, str(error), param="prompt")
+    if isinstance(error, PromptRejected):
+        return APIError(400, str(error), param="prompt")
+    if isinstance(error, ModelFailed):
+        return APIError(500, str(error), kind="server_error")
+    if isinstance(error, TinyGPTError):  # what the request asked for, refused by the library
+        return APIError(400, str(error))
+    return APIError(500, f"internal server error ({type(error).__name__}); the server's log has the details",
+                    kind="server_error")
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -204,9 +242,20 @@ class Completion:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+DONE = "data: [DONE]\n\n"
+
+
 def sse(data: Any) -> str:
     """One server-sent event carrying data as JSON."""
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_failure(error: Exception) -> str:
+    """How a stream that failed after it was admitted ends: an event holding the OpenAI
+    error body, then [DONE]. An error that is not tinyGPT's own (a bug) is logged first."""
+    if not isinstance(error, (APIError, TinyGPTError)):
+        log.error("tinygpt: a stream failed", exc_info=error)
+    return sse(api_error_of(error).body()) + DONE
 
 
 async def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
@@ -227,6 +276,65 @@ async def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 # ----------------------------------------------------------------------------- the app
+
+
+def host_name(value: str) -> str:
+    """The host a Host header (or an --allow-host value) names, in the form hosts are compared
+    in: lower case, without the port, the brackets of an IPv6 address or a trailing dot, an
+    IP address in its shortest spelling."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [IPv6]:port
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:  # name:port (more colons: an IPv6 address without a port)
+        value = value.partition(":")[0]
+    value = value.rstrip(".")
+    try:
+        return ipaddress.ip_address(value).compressed
+    except ValueError:
+        return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    name = host_name(host)
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def hosts_for_bind(host: str) -> list[str]:
+    """The Host names a server listening on host answers: host itself, plus the loopback
+    names when it listens on loopback or on every address (which includes loopback)."""
+    name = host_name(host)
+    every_address = name in ("", "0.0.0.0", "::")
+    names = list(LOOPBACK_HOSTS) if every_address or is_loopback(name) else []
+    return names + [name] if name and name not in names else names
+
+
+class HostCheck:
+    """ASGI middleware: answer 403 unless the Host header names one of allowed_hosts ("*": any).
+
+    A web page elsewhere can reach a server on this machine by DNS rebinding (its own name,
+    re-resolved to 127.0.0.1), but its browser still sends that name as Host."""
+
+    def __init__(self, app, allowed_hosts: Iterable[str]):
+        self.app = app
+        self.allowed = {host_name(h) for h in allowed_hosts}
+        self.shown = ", ".join(sorted(self.allowed))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or "*" in self.allowed:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_name(host) in self.allowed:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        named = f"Host {host[:100]!r}" if host else "a request without a Host header"
+        error = APIError(403, f"{named} is not served here: this server answers requests for {self.shown} "
+                              "(start it with --allow-host NAME to add a name)")
+        await error.response()(scope, receive, send)
 
 
 class BodyLimit:
@@ -279,26 +387,32 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def api_error(request: Request, error: APIError):
-        return error.response()
-
-    async def engine_error(request: Request, error: PromptRejected | ServerBusy | ServerOverloaded):
-        return _engine_error(error).response()
+    async def api_error(request: Request, error: Exception):
+        return api_error_of(error).response()
 
     async def validation_error(request: Request, error: RequestValidationError):
         message, param = _validation_message(error)
         return APIError(422, message, param=param).response()
 
+    async def http_error(request: Request, error: HTTPException):  # no such route (404), wrong method (405)
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), kind=kind, headers=error.headers).response()
+
     app.add_exception_handler(APIError, api_error)
-    for kind in (PromptRejected, ServerBusy, ServerOverloaded):
-        app.add_exception_handler(kind, engine_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(TinyGPTError, api_error)  # the engine's errors and ModelFailed among them
     app.add_exception_handler(RequestValidationError, validation_error)
+    # anything else is a bug: still a JSON 500 (starlette then re-raises it for the server's log)
+    app.add_exception_handler(Exception, api_error)
 
 
 def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None = None, threads: int | None = 1,
-               model: GPT | None = None, tokenizer: CharTokenizer | None = None) -> FastAPI:
+               model: GPT | None = None, tokenizer: CharTokenizer | None = None,
+               allowed_hosts: Iterable[str] | None = None, docs: bool = False) -> FastAPI:
     """The ASGI app serving the run in run_dir (or an already loaded model and tokenizer).
-    threads: torch CPU threads for the model (None: torch's default)."""
+    threads: torch CPU threads for the model (None: torch's default). allowed_hosts: the
+    names a request's Host header may give, all of them ("*": any; default LOOPBACK_HOSTS);
+    any other host gets 403. docs: serve /docs, /redoc and /openapi.json."""
     # imported here: the playground's routes build on this module's errors and event stream
     from tinygpt.playground import add_playground_routes
 
@@ -307,14 +421,15 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
         model, tokenizer = load_model(run_dir, device=resolve_device(device))
     model.eval()
     engine = Engine(model, tokenizer, Path(run_dir).resolve().name or "tinygpt", limits, threads)
-    app = FastAPI(title="tinyGPT", version="0.1.0", summary="a small character-level GPT, served")
+    shown = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="tinyGPT", version="0.1.0", summary="a small character-level GPT, served", **shown)
     app.state.engine = engine
     _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_id, "active": engine.active, "queued": len(engine.waiters),
-                "completed": engine.completed, "cancelled": engine.cancelled}
+                "completed": engine.completed, "cancelled": engine.cancelled, "failed": engine.failed}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -332,6 +447,8 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
 
     add_playground_routes(app, engine)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    # added last, so it runs first: a request for another host is refused before its body is read
+    app.add_middleware(HostCheck, allowed_hosts=LOOPBACK_HOSTS if allowed_hosts is None else list(allowed_hosts))
     return app
 
 
@@ -382,30 +499,48 @@ async def _completions(engine: Engine, body: CompletionRequest, request: Request
 
 async def _completion_events(engine: Engine, prompt_ids: list[int], sampling: Sampling, completion: Completion,
                              include_usage: bool) -> AsyncIterator[str]:
-    async with engine.slot():
-        if sampling.max_tokens > 0:
-            async with aclosing(engine.steps(prompt_ids, sampling, completion.add, completion.all_stopped)) as steps:
-                async for _ in steps:
-                    if out := completion.stream_choices():
-                        yield sse({**completion.header, "choices": out})
+    failure = None
+    async with engine.slot():  # ServerBusy/ServerOverloaded here: before the stream starts
+        try:
+            if sampling.max_tokens > 0:
+                async with aclosing(engine.steps(prompt_ids, sampling, completion.add,
+                                                 completion.all_stopped)) as steps:
+                    async for _ in steps:
+                        if out := completion.stream_choices():
+                            yield sse({**completion.header, "choices": out})
+        except Exception as error:  # admitted: the stream ends with an error event and [DONE]
+            failure = error
+    if failure is not None:
+        yield stream_failure(failure)
+        return
     if out := completion.stream_choices(final=True):
         yield sse({**completion.header, "choices": out})
     if include_usage:
         yield sse({**completion.header, "choices": [], "usage": completion.usage()})
-    yield "data: [DONE]\n\n"
+    yield DONE
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None, threads: int | None = 1, log_level: str = "info") -> None:
-    """Load the run and serve it with uvicorn until interrupted."""
+          limits: Limits | None = None, threads: int | None = 1, log_level: str = "info",
+          allow_hosts: Iterable[str] = (), docs: bool = False) -> None:
+    """Load the run and serve it with uvicorn until interrupted. Requests must name host
+    (and the loopback names, when host is loopback or every address) or one of allow_hosts
+    ("*": any) in their Host header; listening beyond loopback prints a warning on stderr.
+    docs: serve /docs, /redoc and /openapi.json."""
     import uvicorn
 
-    app = create_app(run_dir, device=device, limits=limits, threads=threads)
+    hosts = hosts_for_bind(host)
+    hosts += [name for name in map(host_name, allow_hosts) if name not in hosts]
+    app = create_app(run_dir, device=device, limits=limits, threads=threads, allowed_hosts=hosts, docs=docs)
     # bind here rather than inside uvicorn, so that a busy port is one clear error line
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
         raise TinyGPTError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if not is_loopback(host):
+        answered = "any host name" if "*" in hosts else ", ".join(hosts) + " (more with --allow-host NAME)"
+        print(f"tinygpt: warning: listening on {host}, beyond this machine: whoever can reach it can use the model "
+              f"(it answers requests for {answered})", file=sys.stderr, flush=True)
     shown = f"[{host}]" if ":" in host else host
     print(f"tinygpt: serving {run_dir} at http://{shown}:{port}/ (OpenAI base URL: http://{shown}:{port}/v1)",
           flush=True)

@@ -75,8 +75,10 @@ def plan(device: torch.device, config: TrainConfig, dropout: float, given: str =
         attention, reasons["attention"] = "explicit", f"SDPA has no fused dropout on {device.type}"
     elif device.type == "cpu" and explicit_attention_is_faster(precision.dtype):
         attention, reasons["attention"] = "explicit", f"timed faster than SDPA in {precision.name} on this CPU"
+    elif device.type == "cpu":
+        attention, reasons["attention"] = "sdpa", f"timed no slower than the explicit form in {precision.name}"
     else:
-        attention, reasons["attention"] = "sdpa", f"timed no slower than the explicit form on this {device.type}"
+        attention, reasons["attention"] = "sdpa", f"torch's own kernels on {device.type}"
     dropout_mask = config.dropout_mask
     if dropout_mask != "auto":
         reasons["dropout_mask"] = given
@@ -150,10 +152,10 @@ def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tenso
 
     Torch's CPU dropout draws one random number per element; here one 64-bit random word
     decides four elements (each 16-bit quarter is kept below a threshold). The kept value
-    `scale` is 1 / (1 - p) as `dtype` stores it (bf16 rounds it), and the keep rate is
-    chosen to match that scale, so the mask's expected value is 1 to within 2**-16 in any
-    dtype; the drop rate is then p to within what that rounding moves it (in bf16, about
-    p/100 at the presets' rates; in float32, 1/65536).
+    `scale` is 1 / (1 - p) as `dtype` stores it (bf16 rounds it to 8 significant bits), and
+    the keep rate is chosen to match that scale, so the mask's expected value is 1 to within
+    half a step of 1/65536 times the scale; the drop rate is then p moved by that rounding
+    (bf16: at most about 0.4 % of the scale, so 0.05 becomes 0.0519; float32: 1/65536).
     """
     scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype).item()
     keep = min(65536, max(1, round(65536 / scale)))  # of 65536 equally likely values, this many kept
@@ -161,8 +163,9 @@ def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tenso
     words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64)  # 64 random bits
     quarters = words.view(torch.int16)[:count].view(shape)  # uniform over -32768..32767
     mask = torch.empty(shape, dtype=dtype)
-    # straight into `dtype`: a bool mask converted afterwards costs several times more
-    torch.lt(quarters, keep - 32768, out=mask)
+    # straight into `dtype`: a bool mask converted afterwards costs several times more;
+    # the `keep` lowest of the 65536 values are kept (the bound stays inside int16)
+    torch.le(quarters, keep - 32769, out=mask)
     return mask.mul_(scale)
 
 

@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from tinygpt import checkpoint, distributed, speed, training_state
+from tinygpt import checkpoint, distributed, rundir, speed, training_state
 from tinygpt.config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
 from tinygpt.data import BatchSampler, load_meta, load_tokens
 from tinygpt.distributed import Distributed
-from tinygpt.errors import CheckpointError, ConfigError, TrainingDiverged
+from tinygpt.errors import CheckpointError, ConfigError, TinyGPTError, TrainingDiverged
 from tinygpt.evaluate import split_nats
-from tinygpt.hardware import Precision, configure_backends
+from tinygpt.hardware import Precision, configure_backends, cpu_has_native_bf16
 from tinygpt.metrics import append_row, evaluation_row, plot_losses
 from tinygpt.model import GPT
 from tinygpt.optim import build_optimizers, learning_rate_at, set_learning_rate
@@ -92,10 +92,14 @@ class Run:
 
 
 def train(data_dir: str | Path, run_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig,
-          device: str = "auto", resume: bool = False, progress: bool = True, log=print) -> TrainResult:
-    """Train a GPT on a prepared data directory, writing checkpoints and metrics to run_dir."""
+          device: str = "auto", resume: bool = False, progress: bool = True, log=print,
+          overwrite: bool = False) -> TrainResult:
+    """Train a GPT on a prepared data directory, writing checkpoints and metrics to run_dir
+    (new, empty, or a run: continued with resume, started over with overwrite)."""
     world, device_ = distributed.setup(device)
+    lock = None
     try:
+        lock = _claim_run_dir(Path(run_dir), resume, overwrite, world, device_)
         run = start_run(Path(data_dir), Path(run_dir), model_config, train_config, device_, resume, log, world)
         with _stop_requests() as stop:
             return _loop(run, stop, progress)
@@ -104,7 +108,24 @@ def train(data_dir: str | Path, run_dir: str | Path, model_config: ModelConfig, 
             raise
         raise distributed.peer_lost(world, e) from None
     finally:
+        if lock is not None:
+            lock.release()
         distributed.teardown(world)
+
+
+def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, world: Distributed,
+                   device: torch.device) -> rundir.RunLock | None:
+    """Rank 0 checks and locks the run directory for the whole run; the others learn whether
+    it could (every process stops if not)."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = rundir.claim(run_dir, resume, overwrite)
+        except TinyGPTError as e:
+            error = e
+    if not distributed.agree(error is None, world, device):
+        raise error or ConfigError(f"process 0 could not claim {str(run_dir)!r} (see its error)")
+    return lock
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -282,7 +303,6 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     model = speed.apply(GPT(model_config).to(device), plan)
     sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world.rank, world.world_size)
     state = TrainingState(model, build_optimizers(model, config, device), sampler)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if record is not None:
         training_state.restore(run_dir, record, state, device)
     step_model = ddp_model = distributed.wrap(model, world, device)
@@ -310,9 +330,10 @@ def _resume_record(run_dir: Path, resume: bool, world: Distributed, log) -> dict
 
 def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig, tokenizer: CharTokenizer,
                    data_dir: Path, run_dir: Path) -> TrainConfig:
-    """The saved training config, with the changes a continuing run may make (RESUMABLE_KEYS);
-    any other difference from the saved run is refused with the key named. A speed choice
-    asked for as "auto" keeps the run's recorded one."""
+    """The saved training config, with the changes a continuing run may make (RESUMABLE_KEYS,
+    and the speed choices: a run moved to another machine may need float32, say, though it
+    then no longer continues bit for bit); any other difference from the saved run is refused
+    with the key named. A speed choice asked for as "auto" keeps the run's recorded one."""
     saved_model = model_config_from_dict(record["model_config"])
     differences = ", ".join(f"{f.name} {getattr(saved_model, f.name)!r} vs {getattr(model_config, f.name)!r}"
                             for f in fields(ModelConfig)
@@ -328,7 +349,7 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
         asked, kept = getattr(config, f.name), getattr(saved, f.name)
         if asked == kept or (f.name in speed.SPEED_KEYS and asked == "auto"):
             continue
-        if f.name not in RESUMABLE_KEYS:
+        if f.name not in RESUMABLE_KEYS + speed.SPEED_KEYS:
             raise ConfigError(f"--resume: {f.name} cannot change when a run continues (the run has {kept!r}, "
                               f"asked {asked!r}); only {', '.join(RESUMABLE_KEYS)} can")
         changes[f.name] = asked
@@ -341,6 +362,9 @@ def _speed_plan(config: TrainConfig, model_config: ModelConfig, device: torch.de
     (unless it resumes on another kind of device), and rank 0's for every process."""
     if record is None:
         plan = speed.plan(device, config, model_config.dropout)
+    elif device.type == "cpu" and config.dtype == "bfloat16" and not cpu_has_native_bf16():
+        raise ConfigError("this run trained in bfloat16, which this CPU only emulates (several times slower); "
+                          "resume it with --set dtype=float32 (it then continues, but not bit for bit)")
     elif record.get("device_type") == device.type:
         # runs saved before the speed choices were recorded have their precision in the record
         dtype = record.get("precision", "float32") if config.dtype == "auto" else config.dtype
@@ -371,7 +395,7 @@ def _write_run_files(run: Run, record: dict | None) -> None:
                                   f"it was altered, so the run cannot continue it")
         with open(metrics_path, "r+b") as f:
             f.truncate(record["metrics_bytes"])
-    else:
+    else:  # a new run (rundir.claim made sure nothing of anyone else's is here)
         metrics_path.write_text("")
         for name in ("last", "best"):
             (run.run_dir / f"{name}.json").unlink(missing_ok=True)

@@ -78,6 +78,10 @@ def save(run_dir: Path, state: TrainingState, device: torch.device, record_field
 
 def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.device) -> None:
     """Load the `last` checkpoint described by `record` into `state` and the global RNGs."""
+    if None in (record.get("train_config"), record.get("optimizer_groups"), record.get("python_rng"),
+                record.get("numpy_rng")):
+        raise checkpoint.CheckpointError(f"the `last` checkpoint in {str(run_dir)!r} lacks the training state "
+                                         f"(configs, optimizer groups, RNG states): it cannot be resumed")
     checkpoint.load_weights(state.model, checkpoint.load_tensors(run_dir, record, "model"))
     state.model.to(device)
     tensors = checkpoint.load_tensors(run_dir, record, "state")

@@ -29,6 +29,11 @@ The vectorised method falls back to the plain one, per chunk, whenever it would 
 not be exact: a chunk in which most bytes are non-ASCII (text in a non-Latin script, where
 array operations per character cost more than Python's decoder), and any chunk that is not
 valid UTF-8 (so that error offsets and `--encoding-errors replace` counts are Python's own).
+`tally` counts a chunk's code points with work that follows the chunk's size, never the 1.1 M
+possible code points (`np.bincount` when the chunk is long enough to fill its table, a sort
+otherwise). On request the reader drops a BOM that starts the file and turns CR LF and lone CR
+into LF, wherever the chunks are cut, on the bytes (vectorised) or the text (plain) alike.
+
 `METHOD` picks the method for the whole run; `benchmarks/prepare_speed.py` flips it to compare
 the two, and BENCHMARKS.md ("Preparation") has the figures that decided which one is default.
 """
@@ -37,7 +42,9 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -188,8 +195,59 @@ def _read_into(f, view: memoryview) -> int:
     return got
 
 
+BOM = b"\xef\xbb\xbf"  # U+FEFF, which some editors put at the start of a UTF-8 file
+
+
+@dataclass
+class TextChanges:
+    """What the reader changed in one file's text, when asked to (see `decoded_chunks`)."""
+
+    bom_stripped: bool = False
+    crlf_converted: int = 0  # CR LF pairs that became one LF
+    cr_converted: int = 0  # lone CRs (old Mac line ends) that became LF
+
+
+def _lf_text(text: str, after_cr: bool, changes: TextChanges) -> str:
+    """`text` with CR LF and lone CR made LF. `after_cr`: the text before it ended with a CR,
+    already made LF, so a LF at the start completes a CR LF pair and goes."""
+    if after_cr and text.startswith("\n"):
+        text = text[1:]
+        changes.crlf_converted += 1
+        changes.cr_converted -= 1  # counted as lone when its chunk ended
+    if "\r" in text:
+        changes.crlf_converted += text.count("\r\n")
+        text = text.replace("\r\n", "\n")
+        changes.cr_converted += text.count("\r")
+        text = text.replace("\r", "\n")
+    return text
+
+
+def _lf_chunk(chunk: Utf8Chunk, after_cr: bool, changes: TextChanges) -> Utf8Chunk:
+    """`_lf_text` for a vectorised chunk, on its bytes: CR and LF are ASCII, never part of a
+    multi-byte character, so only the multi-byte characters' offsets move (by the LFs dropped
+    before them). The chunk comes back as it was if it holds no CR, the common case."""
+    first = int(after_cr and chunk.data[0] == 0x0A)
+    if not first and chunk.data.find(b"\r", 0, chunk.length) < 0:
+        return chunk
+    raw = chunk.data[first : chunk.length]  # a copy: the reader's buffer is reused
+    pairs = raw.count(b"\r\n")
+    text = raw.replace(b"\r\n", b"\n")
+    lone = text.count(b"\r")
+    text = text.replace(b"\r", b"\n")
+    changes.crlf_converted += first + pairs
+    changes.cr_converted += lone - first
+    leads = chunk.lead_offsets
+    if len(leads) and (first or pairs):
+        utf8 = np.frombuffer(raw, dtype=np.uint8)
+        dropped = np.flatnonzero((utf8[:-1] == 0x0D) & (utf8[1:] == 0x0A)) + 1  # offsets in `raw`
+        leads = leads - first
+        leads = leads - np.searchsorted(dropped, leads)
+    return Utf8Chunk(text, len(text), leads, chunk.lead_lengths, chunk.code_points)
+
+
 def decoded_chunks(
-    path: Path, errors: str, chunk_bytes: int, on_bytes: Callable[[int], object] | None = None
+    path: Path, errors: str, chunk_bytes: int, on_bytes: Callable[[int], object] | None = None, *,
+    strip_bom: bool = False, lf_line_endings: bool = False, changes: TextChanges | None = None,
 ) -> Iterator[Chunk]:
     """Yield the file's text `chunk_bytes` at a time, as a `Utf8Chunk` (vectorised) or as a
     uint32 array of code points from Python's incremental decoder (plain, and the vectorised
@@ -197,17 +255,32 @@ def decoded_chunks(
     counted in `replacements`). A read that cuts a character in two carries its first bytes
     over to the next chunk; Python's decoder is only ever started where every byte before has
     been decoded, so what it reports is what it would report decoding the whole file at once.
-    `on_bytes` is called with the number of bytes each read took from the file."""
+    `on_bytes` is called with the number of bytes each read took from the file.
+
+    `strip_bom` drops a BOM that starts the file; `lf_line_endings` makes CR LF and lone CR
+    one LF each, as Python's universal newlines do, wherever the chunks are cut. `changes`
+    counts what they changed. Error offsets stay offsets in the file as it is on disk."""
     if METHOD not in METHODS:
         raise ValueError(f"tinygpt.utf8.METHOD must be one of {METHODS}, not {METHOD!r}")
     vectorised = METHOD == "vectorised"
+    changes = changes if changes is not None else TextChanges()
     handler = "tinygpt-count-replace" if errors == "replace" else "strict"
     decoder = codecs.getincrementaldecoder("utf-8")(handler)
-    buffer = bytearray(max(chunk_bytes, 4))  # reused for every read; holds any whole character
-    view = memoryview(buffer)
-    carried = 0  # bytes at the start of the buffer: a character the previous read cut off
+    after_cr = False  # the text yielded last ended with a CR (line endings only)
     start = 0  # file offset of buffer[0]
     with open(path, "rb", buffering=0) as f:
+        if strip_bom and f.read(len(BOM)) == BOM:
+            start = len(BOM)
+            changes.bom_stripped = True
+            if on_bytes is not None:
+                on_bytes(start)
+        else:
+            f.seek(0)
+        # reused for every read; holds any whole character; a small file takes one small read
+        file_bytes = os.fstat(f.fileno()).st_size - start
+        buffer = bytearray(max(4, min(chunk_bytes, max(file_bytes + 1, 1 << 16))))
+        view = memoryview(buffer)
+        carried = 0  # bytes at the start of the buffer: a character the previous read cut off
         while True:
             got = _read_into(f, view[carried:])
             size = carried + got
@@ -217,6 +290,10 @@ def decoded_chunks(
             chunk = _vectorised_chunk(data, size, final) if vectorised and not pending else None
             if chunk is not None:
                 carried = size - chunk.length
+                if chunk.length and lf_line_endings:
+                    ends_with_cr = chunk.data[chunk.length - 1] == 0x0D
+                    chunk = _lf_chunk(chunk, after_cr, changes)
+                    after_cr = ends_with_cr
                 if chunk.length:
                     yield chunk
             else:
@@ -225,6 +302,10 @@ def decoded_chunks(
                     text = decoder.decode(data, final=final)
                 except UnicodeDecodeError as e:
                     raise UndecodableFile(start - len(pending) + e.start, e.reason) from None
+                if text and lf_line_endings:
+                    ends_with_cr = text.endswith("\r")
+                    text = _lf_text(text, after_cr, changes)
+                    after_cr = ends_with_cr
                 if text:
                     yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
             if on_bytes is not None:
@@ -247,18 +328,35 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def count_code_points(chunk: Chunk, counts: np.ndarray) -> None:
-    """Add the chunk's characters to `counts` (indexed by code point)."""
-    if isinstance(chunk, Utf8Chunk):
-        # torch counts the bytes as they are; np.bincount would first widen each to int64
-        raw = torch.frombuffer(chunk.data, dtype=torch.uint8, count=chunk.length)
-        counts[:128] += torch.bincount(raw, minlength=256)[:128].numpy()  # the ASCII characters
-        code_points = chunk.code_points
-    else:
-        code_points = chunk
-    if len(code_points):
+_NO_COUNTS = np.zeros(0, dtype=np.int64)
+
+
+def _distinct(code_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of `code_points` and how often each occurs, in increasing order:
+    np.bincount when its table (as long as the largest code point) is not much longer than the
+    array, else a sort (np.unique), so the cost follows the array, never the 1.1 M code points."""
+    if not len(code_points):
+        return _NO_INDICES, _NO_COUNTS
+    if int(code_points.max()) < 8 * len(code_points) + 1024:
         per_code_point = np.bincount(code_points)
-        counts[: len(per_code_point)] += per_code_point
+        present = np.flatnonzero(per_code_point)
+        return present, per_code_point[present]
+    present, counts = np.unique(code_points, return_counts=True)
+    return present.astype(np.intp), counts.astype(np.int64)
+
+
+def tally(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's distinct code points, in increasing order, and how often each occurs."""
+    if not isinstance(chunk, Utf8Chunk):
+        return _distinct(chunk)
+    # torch counts the bytes as they are; np.bincount would first widen each to int64
+    raw = torch.frombuffer(chunk.data, dtype=torch.uint8, count=chunk.length)
+    ascii_counts = torch.bincount(raw, minlength=256)[:128].numpy()  # the ASCII characters
+    ascii_present = np.flatnonzero(ascii_counts)
+    if not len(chunk.code_points):
+        return ascii_present, ascii_counts[ascii_present]
+    present, counts = _distinct(chunk.code_points)  # all >= 128: no overlap with the ASCII ones
+    return np.concatenate([ascii_present, present]), np.concatenate([ascii_counts[ascii_present], counts])
 
 
 def encode(chunk: Chunk, table: np.ndarray, ascii_ids: bytes) -> np.ndarray:
