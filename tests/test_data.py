@@ -173,7 +173,10 @@ def test_replace_policy(tmp_path, monkeypatch, chunk_bytes):
     assert meta["skipped_files"] == []
 
 
-def test_skip_policy(tmp_path, capsys):
+@pytest.mark.parametrize("chunk_bytes", [None, 4])  # 4: the bad file's first characters are counted, then taken out
+def test_skip_policy(tmp_path, capsys, monkeypatch, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
     corpus = make_corpus(tmp_path, with_bad=True)
     bad = corpus / "sub" / "bad.txt"
     prepare([str(corpus)], tmp_path / "data", encoding_errors="skip", progress=False)

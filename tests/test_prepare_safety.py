@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,26 +154,28 @@ def test_the_outputs_named_as_inputs_are_refused(tmp_path):
         prepare([str(data / "train.bin"), str(tmp_path / "corpus" / "a.txt")], data)
 
     # a folder that holds nothing but prepare's own files has nothing to read
-    with pytest.raises(DataError, match=r"no files matching '\*' under .*other than tinyGPT's own data files"):
+    with pytest.raises(DataError, match=r"no files matching '\*' under .* besides tinyGPT's own data files \(3\)"):
         prepare([str(data)], tmp_path / "again", glob="*")
 
 
 # ----------------------------------------------------------------------------- failures leave nothing
 
 
-def fail_on_second_chunk(monkeypatch, error: BaseException, seen: list) -> None:
-    """Make pass 2 raise `error` on its second chunk, after listing the output folder."""
+def fail_on_second_chunk(monkeypatch, error: BaseException, folder: Path) -> list[str]:
+    """Make pass 2 raise `error` on its second chunk. Returns the names that were in `folder`
+    at that moment (filled in when it happens)."""
     encode = tinygpt.utf8.encode
-    calls = []
+    calls, seen = [], []
 
     def failing(chunk, table, ascii_ids):
         calls.append(1)
         if len(calls) == 2:
-            seen.extend(sorted(p.name for p in Path(seen.pop()).iterdir()))
+            seen.extend(sorted(p.name for p in folder.iterdir()))
             raise error
         return encode(chunk, table, ascii_ids)
 
     monkeypatch.setattr(tinygpt.utf8, "encode", failing)
+    return seen
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(28, "No space left on device")])
@@ -178,22 +183,48 @@ def test_an_interrupted_prepare_leaves_an_earlier_data_directory_as_it_was(tmp_p
     data = tmp_path / "data"
     prepare([str(corpus(tmp_path / "old"))], data)
     before = contents(data)
-    seen = [str(data)]
-    fail_on_second_chunk(monkeypatch, error, seen)
+    seen = fail_on_second_chunk(monkeypatch, error, data)
     with pytest.raises(type(error)):
         prepare([str(corpus(tmp_path / "new", "different text\n" * 9))], data)
     # while it ran, its temporaries had names of their own: the process id and a random part
-    pid = os.getpid()
-    assert [n for n in seen if n.endswith(".tmp")] == [f for f in seen if f.startswith((
-        f".train.bin.{pid}_", f".val.bin.{pid}_"))] and len(seen) == 5
+    temporaries = [name for name in seen if name not in before]
+    assert len(temporaries) == 2, seen
+    assert all(re.fullmatch(rf"\.(train|val)\.bin\.{os.getpid()}_[0-9a-f]{{8}}\.tmp", name) for name in temporaries)
     assert contents(data) == before  # no temporaries left, the old data intact
 
 
+def test_renames_wait_for_the_folder_lock_another_prepare_holds(tmp_path):
+    """The three renames happen under an exclusive flock on the folder, so two prepares into one
+    folder leave one's complete set of files, never train.bin of one and meta.json of the other."""
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs /proc/locks to see the other prepare wait")
+    data = tmp_path / "data"
+    prepare([str(corpus(tmp_path / "old"))], data)
+    before = contents(data)
+    waiter = re.compile(rf"->\s+FLOCK\s+\S+\s+WRITE\s+\d+\s+[0-9a-f]+:[0-9a-f]+:{os.stat(data).st_ino}\s")
+    fd = os.open(data, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another prepare does while it renames
+    try:
+        worker = threading.Thread(target=prepare, args=([str(write_text(tmp_path / "new.txt", "new\n" * 9))], data))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not waiter.search(Path("/proc/locks").read_text()):  # the worker waits for the lock
+            assert worker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.005)
+        assert {name: before[name] for name in ("meta.json", "train.bin", "val.bin")} == {
+            name: (data / name).read_bytes() for name in ("meta.json", "train.bin", "val.bin")}
+    finally:
+        os.close(fd)  # releases the lock
+    worker.join(60)
+    assert read_split(data, "train") + read_split(data, "val") == "new\n" * 9
+    assert sorted(contents(data)) == ["meta.json", "train.bin", "val.bin"]
+
+
 def test_a_failed_prepare_into_a_new_folder_leaves_no_folder(tmp_path, monkeypatch):
-    seen = [str(tmp_path / "new")]
-    fail_on_second_chunk(monkeypatch, KeyboardInterrupt(), seen)
+    seen = fail_on_second_chunk(monkeypatch, KeyboardInterrupt(), tmp_path)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(corpus(tmp_path / "corpus"))], tmp_path / "new")
+    assert "new" in seen  # it was made, and written into
     assert not (tmp_path / "new").exists()
 
 

@@ -324,7 +324,8 @@ def test_line_endings_across_chunk_boundaries(tmp_path, monkeypatch, method, chu
     monkeypatch.setattr(tinygpt.data, "CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(chunk_bytes)
     ascii_heavy = "\ufeffsome words\r\nthen é, \r\r\nand 日本 here\rend\r\n" * 6  # the vectorised way
-    texts = [ascii_heavy, "\r\n" * 40, "\r" * 9 + "\n"] + [
+    windows = "naïve café\r\nline 日\r\n" * 8  # CR LF only, multi-byte characters after each
+    texts = [ascii_heavy, windows, "\r\n" * 40, "\r" * 9 + "\n"] + [
         ("\ufeff" if i % 2 else "") + line_ending_text(rng, int(rng.integers(0, 80))) for i in range(12)]
     paths_taken = set()
     for i, text in enumerate(texts):

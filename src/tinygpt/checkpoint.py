@@ -135,7 +135,7 @@ def _reserve_stem(run_dir: Path, name: str, iteration: int) -> str:
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file: str = Field(pattern=TENSOR_FILE.pattern)  # a plain name of this run's own pattern: no path
+    file: str = Field(pattern=f"^{TENSOR_FILE.pattern}$")  # a plain name of this run's own pattern: no path
     sha256: str = Field(pattern=r"[0-9a-f]{64}")
     bytes: int = Field(ge=0, strict=True)
 

@@ -49,6 +49,8 @@ def _configs(args):
         from tinygpt.config import model_config_from_dict, train_config_from_dict
 
         record = read_record(args.out, "last")
+        if record.get("train_config") is None:
+            raise TinyGPTError(f"the `last` checkpoint in {args.out!r} lacks the training state: it cannot be resumed")
         model_config = model_config_from_dict(record["model_config"])
         train_config = train_config_from_dict(record["train_config"])
     else:

@@ -121,8 +121,9 @@ def check_out_dir(out: Path, overwrite: bool = False) -> None:
 
 def find_input_files(inputs: list[str], glob: str = "*.txt", out_dir: str | Path | None = None) -> list[Path]:
     """Expand files, directories (recursively, matching `glob`) and the name `shakespeare`.
-    A directory's walk never reads data: the files `prepare` writes (`is_output_file`) in the
-    output folder or any tinyGPT data directory, and every data directory below the one named."""
+    A directory's walk leaves out what `prepare` wrote: the files it writes (`is_output_file`) in
+    the output folder or in any tinyGPT data directory, and every data directory below the one
+    named. A file named explicitly is read, unless it is one that this `prepare` will write."""
     out = Path(out_dir).resolve() if out_dir is not None else None
     files: list[Path] = []
     for item in inputs:
@@ -131,7 +132,7 @@ def find_input_files(inputs: list[str], glob: str = "*.txt", out_dir: str | Path
             every = sorted(p for p in path.rglob(glob) if p.is_file())
             matched = _without_data(path, every, out)
             if not matched:
-                why = f" (other than tinyGPT's own data files, {len(every)} of them)" if every else ""
+                why = f" besides tinyGPT's own data files ({len(every)}), which prepare never reads" if every else ""
                 raise DataError(f"no files matching {glob!r} under {printable_path(item)}{why}")
             files.extend(matched)
         elif path.is_file():
@@ -369,6 +370,8 @@ def _count_pass(files: list[Path], reports: list[FileReport], reading: _Reading,
                 report.status, report.error, report.characters = "skipped", where, 0
                 print(f"skipping {where}", file=sys.stderr)
                 bar.update(report.bytes)  # pass 2 will not read it
+                for present in touched:
+                    file_counts[present] = 0
                 continue
             for present in touched:  # a code point touched twice adds its count once, then 0
                 counts[present] += file_counts[present]

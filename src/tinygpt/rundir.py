@@ -53,27 +53,32 @@ def holds_run(run_dir: Path) -> bool:
     return False
 
 
-def check_target(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_target(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse to train into a folder that is not new, empty or a run; refuse to restart a run
-    without --overwrite. With --overwrite, delete the old run's own files."""
+    without --overwrite. True when it holds a run that is to be started over."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {str(run_dir)!r} is a file, not a directory")
     entries = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
     if not entries or entries == [LOCK_NAME]:
-        return
+        return False
     if resume and (run_dir / "last.json").exists():
-        return  # continuing: reading the record says whether it is a run (and what is wrong with it)
+        return False  # continuing: reading the record says whether it is a run (and what is wrong with it)
     if not holds_run(run_dir):
         raise ConfigError(f"--out {str(run_dir)!r} is not empty and holds no tinyGPT run; "
                           f"train into a new or empty directory (nothing was changed)")
     if resume:
-        return
+        return False
     if not overwrite:
         raise ConfigError(f"--out {str(run_dir)!r} holds a run; continue it with --resume, or start over "
                           f"with --overwrite (deletes its checkpoints and metrics)")
-    for name in entries:
-        if is_tinygpt_file(name) and name != LOCK_NAME:
-            (run_dir / name).unlink(missing_ok=True)
+    return True
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """--overwrite: the old run's own files go (tinyGPT's names only); anything else stays."""
+    for path in run_dir.iterdir():
+        if is_tinygpt_file(path.name) and path.name != LOCK_NAME:
+            path.unlink(missing_ok=True)
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -93,13 +98,13 @@ def remove_leftovers(run_dir: Path) -> None:
 
 def claim(run_dir: Path, resume: bool, overwrite: bool) -> RunLock:
     """Check the folder may be trained into, create it, lock it, tidy what a killed run left."""
-    check_target(run_dir, resume, overwrite)
+    start_over = check_target(run_dir, resume, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     lock.acquire()
     try:
-        if overwrite and not resume:  # what another process wrote between the check and the lock
-            check_target(run_dir, resume, overwrite)
+        if start_over:
+            remove_run_files(run_dir)
         remove_leftovers(run_dir)
     except BaseException:
         lock.release()

@@ -34,7 +34,7 @@ from tinygpt import checkpoint, distributed, rundir, speed, training_state
 from tinygpt.config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
 from tinygpt.data import BatchSampler, load_meta, load_tokens
 from tinygpt.distributed import Distributed
-from tinygpt.errors import CheckpointError, ConfigError, TinyGPTError, TrainingDiverged
+from tinygpt.errors import CheckpointError, ConfigError, DataError, TinyGPTError, TrainingDiverged
 from tinygpt.evaluate import split_nats
 from tinygpt.hardware import Precision, configure_backends, cpu_has_native_bf16
 from tinygpt.metrics import append_row, evaluation_row, plot_losses
@@ -81,6 +81,20 @@ class Run:
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     resumed: bool
+    token_files: dict[Path, int] = dataclasses.field(default_factory=dict)  # memmapped file -> its size
+
+    def check_token_files(self) -> None:
+        """A token file that shrinks under its memmap would kill the process with SIGBUS at the
+        next read: notice a changed size first (a stat per iteration) and stop with one line."""
+        for path, size in self.token_files.items():
+            try:
+                now = path.stat().st_size
+            except OSError:
+                now = -1
+            if now != size:
+                raise DataError(f"{str(path)!r} changed while training ({size:,} bytes at the start, "
+                                f"{'gone' if now < 0 else f'{now:,}'} now); the last checkpoint is intact: "
+                                f"prepare the data again, then --resume")
 
     @property
     def precision(self) -> Precision:
@@ -139,6 +153,7 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
     val_loss, interrupted = None, False
     try:
         while state.iteration < config.max_iters:
+            run.check_token_files()
             if run.model_config.dropout > 0:
                 torch.manual_seed(dropout_seed(config.seed, world.rank, state.iteration))
             lr = learning_rate_at(state.iteration, config, clock.elapsed())
@@ -309,7 +324,8 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     if config.compile:
         step_model = torch.compile(ddp_model)
     run = Run(run_dir, model_config, config, tokenizer, device, world, plan, state, step_model, ddp_model,
-              train_tokens, val_tokens, record is not None)
+              train_tokens, val_tokens, record is not None,
+              {data_dir / f"{split}.bin": (data_dir / f"{split}.bin").stat().st_size for split in ("train", "val")})
     if world.is_main:
         _write_run_files(run, record)
         _log_start(run, record, log)
@@ -325,7 +341,13 @@ def _resume_record(run_dir: Path, resume: bool, world: Distributed, log) -> dict
         if world.is_main:
             log(f"--resume: no checkpoint in {run_dir} yet (no last.json); starting from iteration 0")
         return None
-    return checkpoint.read_record(run_dir, "last")
+    record = checkpoint.read_record(run_dir, "last")
+    if None in (record.get("train_config"), record.get("optimizer_groups"), record.get("python_rng"),
+                record.get("numpy_rng")):
+        raise CheckpointError(f"the `last` checkpoint in {str(run_dir)!r} lacks the training state "
+                              f"(configs, optimizer groups, RNG states): it cannot be resumed")
+    checkpoint.build_model(record, allocate=False)  # the record's model fits its weights file: nothing huge
+    return record
 
 
 def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig, tokenizer: CharTokenizer,
@@ -465,7 +487,7 @@ class _LossWindow:
         self.loss += loss
         self.iterations += 1
 
-    def report(self, bar, iteration: int, lr: float, config: TrainConfig, clock: _Clock, block_size: int) -> None:
+    def report(self, bar, iteration: int, lr: float, config: TrainConfig, clock: _Clock, block_size: int) -> None:  # noqa: E501
         mean_loss = self.loss.item() / self.iterations
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(

@@ -215,33 +215,39 @@ def _lf_text(text: str, after_cr: bool, changes: TextChanges) -> str:
         changes.crlf_converted += 1
         changes.cr_converted -= 1  # counted as lone when its chunk ended
     if "\r" in text:
-        changes.crlf_converted += text.count("\r\n")
+        length = len(text)
         text = text.replace("\r\n", "\n")
-        changes.cr_converted += text.count("\r")
-        text = text.replace("\r", "\n")
+        changes.crlf_converted += length - len(text)
+        lone = text.count("\r")
+        if lone:
+            changes.cr_converted += lone
+            text = text.replace("\r", "\n")
     return text
 
 
 def _lf_chunk(chunk: Utf8Chunk, after_cr: bool, changes: TextChanges) -> Utf8Chunk:
     """`_lf_text` for a vectorised chunk, on its bytes: CR and LF are ASCII, never part of a
-    multi-byte character, so only the multi-byte characters' offsets move (by the LFs dropped
-    before them). The chunk comes back as it was if it holds no CR, the common case."""
+    multi-byte character, so only the multi-byte characters' offsets move (by the bytes dropped
+    before them). The chunk comes back as it was if it holds no CR, the common case; when all
+    its CRs begin CR LF pairs (a Windows file), dropping every CR is one `bytes.translate`."""
     first = int(after_cr and chunk.data[0] == 0x0A)
     if not first and chunk.data.find(b"\r", 0, chunk.length) < 0:
         return chunk
     raw = chunk.data[first : chunk.length]  # a copy: the reader's buffer is reused
-    pairs = raw.count(b"\r\n")
-    text = raw.replace(b"\r\n", b"\n")
-    lone = text.count(b"\r")
-    text = text.replace(b"\r", b"\n")
-    changes.crlf_converted += first + pairs
+    utf8 = np.frombuffer(raw, dtype=np.uint8)
+    carriage_returns = np.flatnonzero(utf8 == 0x0D)
+    pair_starts = carriage_returns[utf8.take(carriage_returns + 1, mode="clip") == 0x0A]
+    lone = len(carriage_returns) - len(pair_starts)
+    if lone:
+        text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    else:
+        text = raw.translate(None, b"\r")
+    changes.crlf_converted += first + len(pair_starts)
     changes.cr_converted += lone - first
     leads = chunk.lead_offsets
-    if len(leads) and (first or pairs):
-        utf8 = np.frombuffer(raw, dtype=np.uint8)
-        dropped = np.flatnonzero((utf8[:-1] == 0x0D) & (utf8[1:] == 0x0A)) + 1  # offsets in `raw`
+    if len(leads) and (first or len(pair_starts)):
         leads = leads - first
-        leads = leads - np.searchsorted(dropped, leads)
+        leads = leads - np.searchsorted(pair_starts, leads)  # one byte gone per CR LF before it
     return Utf8Chunk(text, len(text), leads, chunk.lead_lengths, chunk.code_points)
 
 
