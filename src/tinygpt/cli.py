@@ -69,7 +69,8 @@ def cmd_train(args) -> int:
     from tinygpt.train import train
 
     model_config, train_config = _configs(args)
-    print(args.threads_line)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(args.threads_line)
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run and --overwrite starts it over: choose one")
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
