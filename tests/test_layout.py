@@ -65,3 +65,26 @@ def test_no_function_in_the_package_is_longer_than_80_lines():
 
 def test_the_model_file_stays_small():
     assert len((SRC / "model.py").read_text().splitlines()) <= 300
+
+
+def _tinygpt_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tinygpt"):
+            names.update(a.name for a in node.names) if node.module == "tinygpt" else names.add(
+                node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("tinygpt."))
+    return names - {path.stem}
+
+
+def test_the_architecture_page_lists_every_module_and_its_real_imports():
+    import re
+
+    page = (SRC.parent.parent / "docs" / "ARCHITECTURE.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)\.py` \| .* \| ([\w, ]+) \|$", page, re.M)}
+    modules = {p.stem for p in SRC.glob("*.py")} - {"__init__", "__main__"}
+    assert set(rows) == modules
+    for module, listed in rows.items():
+        documented = set() if listed == "nothing" else {name.strip() for name in listed.split(",")}
+        assert documented == _tinygpt_imports(SRC / f"{module}.py"), module
