@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/compare_trees.py --variant before=/tmp/before/src --variant after=src \\
         --variant after-active=src:OMP_WAIT_POLICY=ACTIVE --rounds 3
 
-Each variant runs `python -m tinygpt bench --preset seed --batch-size 32 --json` from its own
+Each variant runs `tinygpt.bench.run_bench(preset="seed", batch_size=32, ...)` (what
+`tinygpt bench --preset seed --batch-size 32` measures, with one generation repeat) from its own
 `src` directory in a fresh process; the variants alternate (A B C, A B C, ...) for `--rounds`
 rounds, so a noisy, shared machine moves them alike. Every process gets OMP_WAIT_POLICY=PASSIVE
 unless its variant sets something else. Printed: per variant, the median over rounds (and the
@@ -31,14 +32,16 @@ def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
 
 
 def run_bench(src: Path, settings: dict[str, str], args) -> dict:
+    """tinygpt.bench.run_bench in a fresh process, from that tree's own source."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE", **settings}
-    command = [sys.executable, "-m", "tinygpt", "bench", "--preset", args.preset, "--batch-size",
-               str(args.batch_size), "--repeats", str(args.repeats), "--new-tokens", "1000", "--prepare-mb", "1",
-               "--json"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=src.parent)
+    code = ("import json\nfrom tinygpt.bench import run_bench\n"
+            f"result = run_bench(preset={args.preset!r}, batch_size={args.batch_size}, repeats={args.repeats}, "
+            "generation_tokens=1000, generation_repeats=1, prepare_megabytes=1)\n"
+            "print(json.dumps(result.as_dict()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=src.parent)
     if result.returncode != 0:
         raise SystemExit(f"bench failed in {src}: {result.stderr.strip().splitlines()[-1:]}")
-    return json.loads(result.stdout)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

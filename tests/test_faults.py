@@ -272,3 +272,31 @@ def test_a_token_file_that_changes_under_training_stops_it_in_one_line(data_dir,
     with pytest.raises(tinygpt.train.DataError, match="train.bin' changed while training"):
         train_tiny(data, tmp_path / "run", 10, 5, SETTINGS)
     assert len(steps) == 3  # stopped before the next read of the shrunken file
+
+
+def test_a_users_config_with_model_and_train_keys_is_not_a_run(data_dir, tmp_path):
+    folder = tmp_path / "tool"
+    folder.mkdir()
+    write_text(folder / "config.json", json.dumps({"model": {"layers": 3}, "train": {"epochs": 2}}))
+    write_text(folder / "tokenizer.json", "{}")
+    before = _snapshot(folder)
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        line = assert_one_line_error(_cli(*_train_args(data_dir, folder, *flags)))
+        assert "holds no tinyGPT run" in line
+    assert _snapshot(folder) == before
+
+
+def test_overwrite_with_bad_data_deletes_nothing(data_dir, run_dir, tmp_path):
+    before = _snapshot(run_dir)
+    (tmp_path / "nodata").mkdir()
+    result = _cli(*_train_args(data_dir, run_dir, "--overwrite")[:2], str(tmp_path / "nodata"),
+                  *_train_args(data_dir, run_dir, "--overwrite")[3:])
+    assert_one_line_error(result)
+    assert _snapshot(run_dir) == before
+
+
+def test_an_unreadable_record_keeps_the_files_it_may_name(data_dir, run_dir):
+    best = checkpoint.read_record(run_dir, "best")["files"]["model"]["file"]
+    (run_dir / "best.json").write_text('{"format": "tinygpt-checkpoint", "files": {"model": {"fi')  # truncated
+    result = _cli(*_train_args(data_dir, run_dir, "--resume", "--max-iters", "6"))
+    assert (run_dir / best).exists(), result.stderr

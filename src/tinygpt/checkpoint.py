@@ -23,14 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import safetensors
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from tinygpt.config import ModelConfig, model_config_from_dict, train_config_from_dict
 from tinygpt.errors import CheckpointError, ConfigError, TinyGPTError
@@ -83,10 +84,11 @@ def save_checkpoint(
     failure (a full disk) what this save wrote is removed and the previous checkpoint stays."""
     run_dir = Path(run_dir)
     previous = _files_of(run_dir / f"{name}.json")
-    stem = _reserve_stem(run_dir, name, int(record["iteration"]))
-    written = [run_dir / f"{stem}.{kind}.safetensors" for kind in tensors]
-    files, target = {}, written[0]
+    written: list[Path] = []
+    files, target = {}, run_dir / f"{name}.json"
     try:
+        stem = _reserve_stem(run_dir, name, int(record["iteration"]))
+        written = [run_dir / f"{stem}.{kind}.safetensors" for kind in tensors]
         for (kind, group), target in zip(tensors.items(), written, strict=True):
             data = safetensors.torch.save(group, metadata={"format": FORMAT, "kind": kind})
             atomic_write_bytes(target, data)
@@ -95,6 +97,10 @@ def save_checkpoint(
         target = run_dir / f"{name}.json"
         atomic_write_bytes(target, json.dumps(record, ensure_ascii=False, indent=1).encode())
     except OSError as e:
+        if _files_of(run_dir / f"{name}.json") == {f["file"] for f in files.values()} and len(files) == len(tensors):
+            # the record was renamed into place: the save is committed, only syncing its directory failed
+            raise CheckpointError(f"saved checkpoint {name!r}, but syncing {str(run_dir)!r} failed: "
+                                  f"{e.strerror or e}") from None
         for path in written:
             path.unlink(missing_ok=True)
         raise CheckpointError(f"could not write {str(target)!r}: {e.strerror or e}; the checkpoint {name!r} "
@@ -136,8 +142,8 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: str = Field(pattern=f"^{TENSOR_FILE.pattern}$")  # a plain name of this run's own pattern: no path
-    sha256: str = Field(pattern=r"[0-9a-f]{64}")
-    bytes: int = Field(ge=0, strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(gt=0, strict=True)
 
 
 class Record(BaseModel):
@@ -152,17 +158,21 @@ class Record(BaseModel):
     model_settings: dict[str, Any] = Field(alias="model_config")
     train_config: dict[str, Any] | None = None
     tokenizer: dict[str, Any]
-    best_val_loss: float | None = None
-    val_loss: float | None = None
+    best_val_loss: StrictFloat | None = None
+    val_loss: StrictFloat | None = None
     metrics_bytes: int = Field(0, ge=0, strict=True)
     precision: Literal["float32", "bfloat16"] = "float32"
-    device_type: str = "cpu"
+    device_type: StrictStr = "cpu"
     world_size: int = Field(1, ge=1, strict=True)
-    elapsed: float = Field(0.0, ge=0)
+    elapsed: float = Field(0.0, ge=0, strict=True)
     files: dict[Literal["model", "state"], FileEntry]
-    optimizer_groups: list[list[dict[str, Any]]] | None = None
-    python_rng: tuple[int, list[int], float | None] | None = None
-    numpy_rng: tuple[str, list[int], int, int, float] | None = None
+    optimizer_groups: list[Annotated[list[dict[str, Any]], Field(min_length=1)]] | None = None
+    # random.getstate() and numpy's legacy state, as lists: (version, 625 words, gauss) and
+    # ("MT19937", 624 words, position, has_gauss, cached_gaussian)
+    python_rng: tuple[StrictInt, Annotated[list[StrictInt], Field(min_length=625, max_length=625)],
+                      StrictFloat | None] | None = None
+    numpy_rng: tuple[Literal["MT19937"], Annotated[list[StrictInt], Field(min_length=624, max_length=624)],
+                     StrictInt, StrictInt, StrictFloat] | None = None
 
 
 def read_record(run_dir: str | Path, name: str) -> dict[str, Any]:
@@ -202,9 +212,12 @@ def load_tensors(run_dir: str | Path, record: dict[str, Any], kind: str) -> dict
         raise CheckpointError(f"checkpoint {record.get('name')!r} names no valid {kind} tensor file")
     path = Path(run_dir) / entry["file"]
     try:
-        size = path.stat().st_size
+        status = path.lstat()
     except OSError:
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"checkpoint file {str(path)!r} is not a regular file")
+    size = status.st_size
     if size != entry.get("bytes"):
         raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or altered (checksum mismatch: "
                               f"{size:,} bytes, its record says {entry.get('bytes')})")
@@ -261,9 +274,10 @@ def build_model(record: dict[str, Any], allocate: bool = True) -> tuple[GPT, Cha
 
 def estimated_parameters(config: ModelConfig) -> int:
     """The parameter count from the config alone, to within biases and norms: embeddings,
-    4 C^2 of attention and 8 C^2 of MLP per layer, the head."""
+    4 C^2 of attention and 8 C^2 of MLP per layer, the head (plus the rotary tables)."""
     C, V = config.n_embd, config.vocab_size
-    positions = config.block_size * C if config.positions == "learned" else 0
+    # learned: an embedding per position; rotary: cos and sin tables (not weights, but memory)
+    positions = config.block_size * (C if config.positions == "learned" else C // config.n_head)
     head = 0 if config.tie_embeddings else V * C
     return V * C + positions + config.n_layer * 12 * C * C + head
 

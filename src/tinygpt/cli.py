@@ -147,7 +147,7 @@ def cmd_info(args) -> int:
 
     if args.run_dir:
         record = read_record(args.run_dir, best_or_last(args.run_dir))
-        model, _, model_config = build_model(record)
+        model, _, model_config = build_model(record, allocate=False)  # shapes only: nothing to allocate
         train_config = record.get("train_config", {})
     elif args.preset:
         if args.vocab_size is None:

@@ -29,10 +29,12 @@ from tinygpt.errors import ConfigError
 LOCK_NAME = ".tinygpt.lock"
 CHECKPOINT_NAMES = ("last", "best")
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "last.json", "best.json")
-TENSOR_FILE = re.compile(r"(last|best)-\d{8}(-\d+)?\.(model|state)\.safetensors")
-# temporary files of tinyGPT's atomic writes: ".<final name>.<random>.tmp"
-TEMPORARY_FILE = re.compile(r"\.(?:(?:last|best)-\d{8}(?:-\d+)?\.(?:model|state)\.safetensors"
-                            r"|last\.json|best\.json|loss\.png|metrics\.jsonl)\.[A-Za-z0-9_]+\.tmp")
+TENSOR_FILE = re.compile(r"(last|best)-([0-9]{8})(-[0-9]+)?\.(model|state)\.safetensors")
+# temporary files of tinyGPT's atomic writes: ".<final name>.<random>.tmp" (before the
+# random part existed: ".<final name>.tmp")
+TEMPORARY_FILE = re.compile(r"\.(?:(?:last|best)-[0-9]{8}(?:-[0-9]+)?\.(?:model|state)\.safetensors"
+                            r"|last\.json|best\.json|loss\.png|metrics\.jsonl|config\.json)(?:\.[A-Za-z0-9_]+)?\.tmp")
+RUN_FORMAT = "tinygpt-run"  # config.json's "format": what marks a folder as a run
 
 
 def is_tinygpt_file(name: str) -> bool:
@@ -41,15 +43,27 @@ def is_tinygpt_file(name: str) -> bool:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether the folder holds a tinyGPT run: a checkpoint record or the run's config.json."""
+    """Whether the folder holds a tinyGPT run: a checkpoint record, or a config.json that is a
+    run's (marked as one, or, for runs from before the mark, whose two configs are exactly
+    tinyGPT's)."""
+    from tinygpt.config import model_config_from_dict, train_config_from_dict
+
     for name in ("last.json", "best.json", "config.json"):
         try:
             data = json.loads((run_dir / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and (data.get("format") == "tinygpt-checkpoint"
-                                       or (name == "config.json" and {"model", "train"} <= set(data))):
+        if not isinstance(data, dict):
+            continue
+        if data.get("format") in ("tinygpt-checkpoint", RUN_FORMAT):
             return True
+        if name == "config.json" and set(data) == {"model", "train"}:
+            try:
+                model_config_from_dict(data["model"])
+                train_config_from_dict(data["train"])
+                return True
+            except ConfigError:
+                continue
     return False
 
 
@@ -83,33 +97,48 @@ def remove_run_files(run_dir: Path) -> None:
 
 def remove_leftovers(run_dir: Path) -> None:
     """What a killed save left behind: its temporary files, and tensor files of tinyGPT's own
-    names that no record points to. Only while this process holds the run's lock."""
-    referenced = set()
+    names that its record does not point to and that are not older than that record (a save
+    in progress writes newer files; older ones may be referenced by a copy of a record).
+    Nothing is swept when a record is present but unreadable: it may still name files.
+    Only while this process holds the run's lock."""
+    referenced, newest = set(), {}
     for name in CHECKPOINT_NAMES:
-        try:
-            files = json.loads((run_dir / f"{name}.json").read_text(encoding="utf-8")).get("files", {})
-            referenced |= {entry.get("file") for entry in files.values() if isinstance(entry, dict)}
-        except (OSError, ValueError, AttributeError):
+        path = run_dir / f"{name}.json"
+        if not path.exists():
             continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            referenced |= {entry["file"] for entry in record["files"].values()}
+            newest[name] = int(record["iteration"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return
     for path in run_dir.iterdir():
-        if TEMPORARY_FILE.fullmatch(path.name) or (TENSOR_FILE.fullmatch(path.name) and path.name not in referenced):
+        tensor = TENSOR_FILE.fullmatch(path.name)
+        if TEMPORARY_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+        elif (tensor and path.name not in referenced and tensor.group(1) in newest
+              and int(tensor.group(2)) >= newest[tensor.group(1)]):
             path.unlink(missing_ok=True)
 
 
-def claim(run_dir: Path, resume: bool, overwrite: bool) -> RunLock:
-    """Check the folder may be trained into, create it, lock it, tidy what a killed run left."""
-    start_over = check_target(run_dir, resume, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
-    lock.acquire()
+def claim(run_dir: Path, resume: bool, overwrite: bool) -> tuple[RunLock, bool]:
+    """Check the folder may be trained into, create it, lock it, tidy what a killed run left.
+    Also says whether the run there is to be started over: the caller deletes its files
+    (remove_run_files) once everything else has been checked."""
     try:
-        if start_over:
-            remove_run_files(run_dir)
-        remove_leftovers(run_dir)
+        start_over = check_target(run_dir, resume, overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir)
+        lock.acquire()
+    except OSError as e:
+        raise ConfigError(f"cannot use {str(run_dir)!r}: {e.strerror or e}") from None
+    try:
+        if not start_over:
+            remove_leftovers(run_dir)
     except BaseException:
         lock.release()
         raise
-    return lock
+    return lock, start_over
 
 
 class RunLock:

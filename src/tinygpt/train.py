@@ -113,8 +113,9 @@ def train(data_dir: str | Path, run_dir: str | Path, model_config: ModelConfig, 
     world, device_ = distributed.setup(device)
     lock = None
     try:
-        lock = _claim_run_dir(Path(run_dir), resume, overwrite, world, device_)
-        run = start_run(Path(data_dir), Path(run_dir), model_config, train_config, device_, resume, log, world)
+        lock, start_over = _claim_run_dir(Path(run_dir), resume, overwrite, world, device_)
+        run = start_run(Path(data_dir), Path(run_dir), model_config, train_config, device_, resume, log, world,
+                        start_over)
         with _stop_requests() as stop:
             return _loop(run, stop, progress)
     except (RuntimeError, dist.DistError) as e:
@@ -128,18 +129,18 @@ def train(data_dir: str | Path, run_dir: str | Path, model_config: ModelConfig, 
 
 
 def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, world: Distributed,
-                   device: torch.device) -> rundir.RunLock | None:
+                   device: torch.device) -> tuple[rundir.RunLock | None, bool]:
     """Rank 0 checks and locks the run directory for the whole run; the others learn whether
     it could (every process stops if not)."""
-    lock, error = None, None
+    lock, start_over, error = None, False, None
     if world.is_main:
         try:
-            lock = rundir.claim(run_dir, resume, overwrite)
+            lock, start_over = rundir.claim(run_dir, resume, overwrite)
         except TinyGPTError as e:
             error = e
     if not distributed.agree(error is None, world, device):
         raise error or ConfigError(f"process 0 could not claim {str(run_dir)!r} (see its error)")
-    return lock
+    return lock, start_over
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -222,8 +223,12 @@ def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar) -> float:
         state.best_val_loss = val_loss
     if world.is_main:
         tokens_seen = state.iteration * config.batch_size * run.model_config.block_size
-        append_row(run.metrics_path, evaluation_row(state.iteration, train_loss, val_loss, lr, tokens_seen))
-        plot_losses(run.metrics_path, run.run_dir / "loss.png")
+        try:
+            append_row(run.metrics_path, evaluation_row(state.iteration, train_loss, val_loss, lr, tokens_seen))
+            plot_losses(run.metrics_path, run.run_dir / "loss.png")
+        except OSError as e:
+            raise CheckpointError(f"could not write {str(e.filename or run.metrics_path)!r}: {e.strerror or e}; "
+                                  f"the last checkpoint is intact, --resume continues from it") from None
         bar.write(f"iteration {state.iteration}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
                   f"({val_loss / math.log(2):.3f} bits/char)")
         record = _record_fields(run, val_loss, clock)
@@ -287,7 +292,7 @@ def validation_loss(run: Run, seed: int) -> float:
 
 
 def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: TrainConfig,
-              device: torch.device, resume: bool, log, world: Distributed) -> Run:
+              device: torch.device, resume: bool, log, world: Distributed, start_over: bool = False) -> Run:
     """Check the configs against the data (and the run being resumed), decide the speed
     plan, build the model and optimizers, and restore the training state when resuming."""
     tokenizer = CharTokenizer.from_dict(load_meta(data_dir)["tokenizer"])
@@ -309,6 +314,8 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
         if len(tokens) <= model_config.block_size + 1:
             raise ConfigError(f"block_size {model_config.block_size} is larger than the {split} split "
                               f"({len(tokens)} characters); use a smaller block_size or more data")
+    if start_over and world.is_main:  # --overwrite: only now that data and configs are known good
+        rundir.remove_run_files(run_dir)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -407,23 +414,25 @@ def _speed_plan(config: TrainConfig, model_config: ModelConfig, device: torch.de
 
 
 def _write_run_files(run: Run, record: dict | None) -> None:
-    """config.json and tokenizer.json; a fresh run starts its metrics, a resumed one cuts
-    them back to what its checkpoint had seen (later rows will be written again)."""
+    """config.json first (it marks the folder as a run), tokenizer.json; a fresh run starts its
+    metrics, a resumed one cuts them back to what its checkpoint had seen (later rows will be
+    written again)."""
+    checkpoint.atomic_write_bytes(run.run_dir / "config.json", json.dumps(
+        {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
+         "train": dataclasses.asdict(run.config)}, indent=1).encode())
+    run.tokenizer.save(run.run_dir / "tokenizer.json")
     metrics_path = run.metrics_path
     if record is not None:
         size = metrics_path.stat().st_size if metrics_path.exists() else 0
         if size < record["metrics_bytes"]:
             raise CheckpointError(f"{metrics_path} is shorter than when iteration {record['iteration']} was saved; "
                                   f"it was altered, so the run cannot continue it")
-        with open(metrics_path, "r+b") as f:
+        with open(metrics_path, "ab") as f:
             f.truncate(record["metrics_bytes"])
     else:  # a new run (rundir.claim made sure nothing of anyone else's is here)
         metrics_path.write_text("")
         for name in ("last", "best"):
             (run.run_dir / f"{name}.json").unlink(missing_ok=True)
-    (run.run_dir / "config.json").write_text(json.dumps(
-        {"model": dataclasses.asdict(run.model_config), "train": dataclasses.asdict(run.config)}, indent=1))
-    run.tokenizer.save(run.run_dir / "tokenizer.json")
 
 
 def _log_start(run: Run, record: dict | None, log) -> None:

@@ -85,7 +85,21 @@ def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.dev
     checkpoint.load_weights(state.model, checkpoint.load_tensors(run_dir, record, "model"))
     state.model.to(device)
     tensors = checkpoint.load_tensors(run_dir, record, "state")
+    try:
+        _restore_state_tensors(state, tensors, record, device)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        reason = (str(e).splitlines() or [""])[0]
+        raise checkpoint.CheckpointError(f"the `last` checkpoint in {str(run_dir)!r} holds a training state that "
+                                         f"does not fit this run ({type(e).__name__}: {reason})") from None
+    state.iteration, state.best_val_loss = record["iteration"], record["best_val_loss"]
+    state.elapsed_before = record.get("elapsed", 0.0)
+
+
+def _restore_state_tensors(state: TrainingState, tensors: dict, record: dict, device: torch.device) -> None:
     load_optimizer_state(state.optimizers, tensors, record["optimizer_groups"])
+    for name in ("rng.torch", "rng.sampler"):
+        if tensors[name].dtype != torch.uint8:
+            raise TypeError(f"{name} is {tensors[name].dtype}, not torch.uint8")
     torch.set_rng_state(tensors["rng.torch"])
     state.sampler.generator.set_state(tensors["rng.sampler"])
     if device.type == "cuda" and "rng.cuda" in tensors:
@@ -94,5 +108,3 @@ def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.dev
     random.setstate((version, tuple(internal), gauss))
     numpy_state = record["numpy_rng"]
     np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
-    state.iteration, state.best_val_loss = record["iteration"], record["best_val_loss"]
-    state.elapsed_before = record.get("elapsed", 0.0)
