@@ -1,7 +1,8 @@
 """GPT-2's residual-projection init (0.02 / sqrt(2 n_layer)) against the plain 0.02, side by side.
 
     .venv/bin/python benchmarks/residual_init.py --data data/tinyshakespeare --preset cpu --iters 2000 --seeds 2
-    .venv/bin/python benchmarks/residual_init.py --data data/tinyshakespeare --preset gpt --iters 300 --seeds 1
+    .venv/bin/python benchmarks/residual_init.py --data data/tinyshakespeare --preset gpt --iters 300 --seeds 1 \
+        --eval-interval 100 --batch-size 64
 
 The init changes no arithmetic per step, so equal iterations are equal time: every variant
 trains the same number of iterations (the cosine schedule spans them; no time budget), in
@@ -27,7 +28,8 @@ def command(args, variant: str, seed: int, out: Path) -> list[str]:
     return [sys.executable, "-m", "tinygpt", "train", "--data", str(args.data), "--out", str(out),
             "--preset", args.preset, "--max-iters", str(args.iters), "--seed", str(seed), "--no-progress",
             "--set", "max_time=0", "--set", "dtype=bfloat16", "--set", f"eval_interval={args.eval_interval}",
-            "--set", f"scaled_residual_init={VARIANTS[variant]}"]
+            "--set", f"scaled_residual_init={VARIANTS[variant]}",
+            *(["--set", f"batch_size={args.batch_size}"] if args.batch_size else [])]
 
 
 def evaluate(run_dir: Path, data: Path, env: dict) -> float:
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--eval-interval", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, help="default: the preset's")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/residual_init"))
