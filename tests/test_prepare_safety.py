@@ -255,7 +255,9 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130(tmp_path):
     for _ in range(5):  # a fast machine may finish this small prepare before the signal lands: try again
         child = subprocess.Popen([sys.executable, "-m", "tinygpt", "prepare", str(source), "--out",
                                   str(tmp_path / "data"), "--no-progress", "--overwrite"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 # a job started in the background inherits SIGINT ignored: undo that
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while "libtorch" not in Path(f"/proc/{child.pid}/maps").read_text():
