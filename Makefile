@@ -21,7 +21,8 @@ setup: $(BIN)/tinygpt
 
 demo: setup
 	$(BIN)/tinygpt prepare shakespeare --out $(DATA)
-	$(BIN)/tinygpt train --data $(DATA) --out $(RUN) --preset cpu
+	# the demo's own run: each `make demo` trains it afresh (--overwrite deletes only that run's files)
+	$(BIN)/tinygpt train --data $(DATA) --out $(RUN) --preset cpu --overwrite
 	$(BIN)/tinygpt eval $(RUN) --data $(DATA)
 	$(BIN)/tinygpt sample $(RUN) --prompt "ROMEO:" --max-new-tokens 500
 
