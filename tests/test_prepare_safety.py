@@ -83,8 +83,11 @@ def test_new_empty_and_earlier_data_folders_are_written(tmp_path):
 
 
 def test_another_prepares_temporaries_do_not_make_a_folder_foreign_and_are_left_alone(tmp_path):
+    """A running prepare's temporaries (its PID is alive; here, ours) are not touched; those of
+    killed prepares are reclaimed (test_temporaries_of_killed_prepares_are_reclaimed...)."""
     out = tmp_path / "out"
-    stale = {".train.bin.tmp": b"the old fixed name", ".val.bin.4242_0a1b2c3d.tmp": b"another prepare's"}
+    stale = {f".train.bin.{os.getpid()}_0a1b2c3d.tmp": b"a live prepare's",
+             f".val.bin.{os.getpid()}_0a1b2c3e.tmp": b"another of its files"}
     for name, data in stale.items():
         write_text(out / name, "")
         (out / name).write_bytes(data)
@@ -345,3 +348,18 @@ def test_the_command_passes_keep_line_endings_and_overwrite(tmp_path, capsys):
     meta = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
     assert meta["line_endings"] == "kept" and "\r" in meta["tokenizer"]["chars"]
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine\n"
+
+
+def test_temporaries_of_killed_prepares_are_reclaimed_and_a_live_ones_kept(tmp_path):
+    source = corpus(tmp_path / "corpus")
+    out = tmp_path / "data"
+    prepare([str(source)], out, progress=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = [f".train.bin.{gone.pid}_abcd1234.tmp", ".val.bin.tmp"]
+    alive = [f".meta.json.{os.getpid()}_0000ffff.tmp", ".train.bin.notes.tmp"]
+    for name in dead + alive:
+        (out / name).write_bytes(b"x" * 100)
+    prepare([str(source)], out, progress=False)
+    left = {p.name for p in out.iterdir()}
+    assert not set(dead) & left and set(alive) <= left

@@ -323,6 +323,27 @@ def _temporary(out: Path, name: str, temporaries: dict[str, Path]) -> Iterator[B
         os.fsync(f.fileno())
 
 
+_OWNED_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin)\.([0-9]+)_[0-9a-f]+\.tmp")
+_OLD_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin)\.tmp")  # before temporaries had owners
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Temporaries of prepares that were killed (their process is gone); a live one's stay."""
+    for path in out.iterdir():
+        owned = _OWNED_TEMPORARY.fullmatch(path.name)
+        if owned:
+            try:
+                os.kill(int(owned.group(1)), 0)
+                continue  # its prepare is still running
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue  # someone else's live process, or no process at all: leave it
+        elif not _OLD_TEMPORARY.fullmatch(path.name):
+            continue
+        path.unlink(missing_ok=True)
+
+
 def _commit(out: Path, temporaries: dict[str, Path]) -> None:
     """Rename the finished files into place, meta.json last (a reader that finds the new meta.json
     finds the new token files), under an exclusive lock on the folder: two prepares into one
@@ -333,6 +354,7 @@ def _commit(out: Path, temporaries: dict[str, Path]) -> None:
         for name in ("train.bin", "val.bin", "meta.json"):
             os.replace(temporaries[name], out / name)
             del temporaries[name]
+        _remove_dead_temporaries(out)
         os.fsync(fd)  # the renames reach the disk too
     finally:
         os.close(fd)  # and the lock goes with it
