@@ -206,3 +206,25 @@ def test_processes_that_see_different_checkpoints_refuse_to_start(data_dir, one_
         assert process.returncode == 1, stderr
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and "found different checkpoints" in lines[0], stderr
+
+
+def test_a_job_on_a_run_another_process_holds_stops_every_rank(data_dir, one_process_run, tmp_path):
+    """Rank 0 takes the run's lock; when it cannot, every rank stops at once with one line
+    (none waits for a collective that will never come)."""
+    import shutil
+
+    from tinygpt.rundir import RunLock
+
+    run_dir = tmp_path / "held"
+    shutil.copytree(one_process_run, run_dir)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        result = _torchrun(_train_args(data_dir, run_dir, "--resume"))
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    assert f"being trained by another process (PID {os.getpid()})" in result.stderr
+    assert "process 0 could not claim" in result.stderr
+    assert result.stderr.count("tinygpt train: error:") == 2  # one line per rank
+    assert "tinygpt/train.py" not in result.stderr  # no traceback of ours (torchrun prints its own summary)
