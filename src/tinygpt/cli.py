@@ -47,10 +47,10 @@ def _configs(args):
     if args.preset is None and last is not None and last.is_file():
         from tinygpt.checkpoint import read_record
         from tinygpt.config import model_config_from_dict, train_config_from_dict
+        from tinygpt.training_state import check_resumable
 
         record = read_record(args.out, "last")
-        if record.get("train_config") is None:
-            raise TinyGPTError(f"the `last` checkpoint in {args.out!r} lacks the training state: it cannot be resumed")
+        check_resumable(Path(args.out), record)
         model_config = model_config_from_dict(record["model_config"])
         train_config = train_config_from_dict(record["train_config"])
     else:

@@ -349,10 +349,7 @@ def _resume_record(run_dir: Path, resume: bool, world: Distributed, log) -> dict
             log(f"--resume: no checkpoint in {run_dir} yet (no last.json); starting from iteration 0")
         return None
     record = checkpoint.read_record(run_dir, "last")
-    if None in (record.get("train_config"), record.get("optimizer_groups"), record.get("python_rng"),
-                record.get("numpy_rng")):
-        raise CheckpointError(f"the `last` checkpoint in {str(run_dir)!r} lacks the training state "
-                              f"(configs, optimizer groups, RNG states): it cannot be resumed")
+    training_state.check_resumable(run_dir, record)
     checkpoint.build_model(record, allocate=False)  # the record's model fits its weights file: nothing huge
     return record
 

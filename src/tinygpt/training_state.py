@@ -76,12 +76,17 @@ def save(run_dir: Path, state: TrainingState, device: torch.device, record_field
                                {"model": checkpoint.model_tensors(state.model), "state": tensors})
 
 
-def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.device) -> None:
-    """Load the `last` checkpoint described by `record` into `state` and the global RNGs."""
+def check_resumable(run_dir: Path, record: dict) -> None:
+    """A `last` record can be resumed only if it carries the training state besides the weights."""
     if None in (record.get("train_config"), record.get("optimizer_groups"), record.get("python_rng"),
                 record.get("numpy_rng")):
         raise checkpoint.CheckpointError(f"the `last` checkpoint in {str(run_dir)!r} lacks the training state "
                                          f"(configs, optimizer groups, RNG states): it cannot be resumed")
+
+
+def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.device) -> None:
+    """Load the `last` checkpoint described by `record` into `state` and the global RNGs."""
+    check_resumable(run_dir, record)
     checkpoint.load_weights(state.model, checkpoint.load_tensors(run_dir, record, "model"))
     state.model.to(device)
     tensors = checkpoint.load_tensors(run_dir, record, "state")
