@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import secrets
@@ -50,15 +52,31 @@ import torch
 from tqdm.auto import tqdm
 
 from tinygpt import utf8
-from tinygpt.errors import DataError
-from tinygpt.tokenizer import MAX_CODE_POINT, MAX_VOCAB_SIZE, CharTokenizer
+from tinygpt.errors import DataError, TinyGPTError
+from tinygpt.tokenizer import (
+    KINDS,
+    MAX_CODE_POINT,
+    MAX_VOCAB_SIZE,
+    BPETokenizer,
+    CharTokenizer,
+    check_bpe_vocab_size,
+    train_bpe,
+)
+
+Tokenizer = CharTokenizer | BPETokenizer
 
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: a chunk and its temporaries stay in the CPU caches
 PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar from this corpus size on
 ENCODING_POLICIES = ("strict", "replace", "skip")
-OUTPUT_FILES = ("meta.json", "train.bin", "val.bin")
+OUTPUT_FILES = ("meta.json", "train.bin", "val.bin", "tokenizer.json")
 # their temporaries while prepare writes them: ".NAME.PID_RANDOM.tmp" (".NAME.tmp" before)
-OUTPUT_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin)(?:\.[A-Za-z0-9_]+)?\.tmp")
+OUTPUT_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin|tokenizer\.json)(?:\.[A-Za-z0-9_]+)?\.tmp")
+BPE_DEFAULT_VOCAB = 4096
+BPE_DEFAULT_SAMPLE_BYTES = 1 << 30  # the BPE learns its merges from at most this much training text
+# BPE text is encoded in pieces of about this many characters, many pieces per parallel batch
+BPE_PIECE_CHARS = 1 << 16
+BPE_BATCH_CHARS = 1 << 23
+BPE_MAX_UNCUT = 1 << 22  # text with no safe cut point this long is cut anyway (see _safe_pieces)
 
 
 def printable_path(path: str | Path) -> str:
@@ -196,10 +214,26 @@ class FileReport:
 @dataclass
 class PrepareReport:
     out_dir: Path
-    vocab: list[str]
+    tokenizer: Tokenizer
     files: list[FileReport] = field(default_factory=list)
     train_tokens: int = 0
     val_tokens: int = 0
+    train_bytes: int = 0  # UTF-8 bytes of each split's text (as read: BOMs dropped, line endings made LF)
+    val_bytes: int = 0
+    tokenizer_training: dict = field(default_factory=dict)  # how a BPE was trained: text used, sizes
+
+    @property
+    def vocab(self) -> list[str]:
+        """The character vocabulary (a char tokenizer's)."""
+        return self.tokenizer.chars
+
+    @property
+    def train_characters(self) -> int:
+        return sum(r.train_characters for r in self.files)
+
+    @property
+    def val_characters(self) -> int:
+        return sum(r.val_characters for r in self.files)
 
 
 @dataclass
@@ -223,8 +257,13 @@ def prepare(
     progress: bool | None = None,
     keep_line_endings: bool = False,
     overwrite: bool = False,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    bpe_sample_bytes: int = BPE_DEFAULT_SAMPLE_BYTES,
 ) -> PrepareReport:
-    """Turn text files into `train.bin`, `val.bin` and `meta.json` under `out_dir`.
+    """Turn text files into `train.bin`, `val.bin` and `meta.json` under `out_dir` (and, for
+    `tokenizer="bpe"`, the `tokenizer.json` of a byte-level BPE of `vocab_size` tokens learned
+    from at most `bpe_sample_bytes` of the training text, spread over every file).
 
     `out_dir` must be new, empty or an earlier tinyGPT data directory (`check_out_dir`; any other
     folder only with `overwrite`), and nothing there changes unless the whole preparation
@@ -235,6 +274,7 @@ def prepare(
         raise DataError(f"--encoding-errors must be one of {', '.join(ENCODING_POLICIES)}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    _check_tokenizer_options(tokenizer, vocab_size, bpe_sample_bytes)
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     files = find_input_files(inputs, glob, out)
@@ -242,18 +282,26 @@ def prepare(
     reading = _Reading(encoding_errors, keep_line_endings)
     total_bytes = sum(r.bytes for r in reports)
     show = progress if progress is not None else total_bytes >= PROGRESS_MIN_BYTES
-    with tqdm(total=2 * total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not show) as bar:
+    passes = 2 if tokenizer == "char" else 2 + min(1.0, bpe_sample_bytes / max(1, total_bytes))
+    with tqdm(total=int(passes * total_bytes), unit="B", unit_scale=True, desc="prepare", disable=not show) as bar:
         counts = _count_pass(files, reports, reading, bar)
-        tokenizer = _vocabulary(counts)
+        training: dict = {}
+        if tokenizer == "char":
+            chosen: Tokenizer = _vocabulary(counts)
+        else:
+            chosen = _train_bpe_pass(files, reports, reading, bar, val_fraction, vocab_size, bpe_sample_bytes,
+                                     training)
         created = _make_out_dir(out)
         temporaries: dict[str, Path] = {}
         committed = False
         try:
-            _encode_pass(files, reports, tokenizer, out, reading, bar, val_fraction, temporaries)
-            report = PrepareReport(out, tokenizer.chars, reports)
-            report.train_tokens = sum(r.train_characters for r in reports)
-            report.val_tokens = sum(r.val_characters for r in reports)
-            meta = _meta(report, tokenizer, counts, val_fraction, reading, total_bytes)
+            report = PrepareReport(out, chosen, reports, tokenizer_training=training)
+            encode = _encode_pass if tokenizer == "char" else _encode_pass_bpe
+            encode(files, report, out, reading, bar, val_fraction, temporaries)
+            if tokenizer == "bpe":
+                with _temporary(out, "tokenizer.json", temporaries) as f:
+                    f.write(chosen.json_text.encode("utf-8"))
+            meta = _meta(report, counts, val_fraction, reading, total_bytes)
             with _temporary(out, "meta.json", temporaries) as f:
                 f.write(json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
             _commit(out, temporaries)
@@ -267,20 +315,49 @@ def prepare(
     return report
 
 
-def _meta(report: PrepareReport, tokenizer: CharTokenizer, counts: np.ndarray, val_fraction: float,
-          reading: _Reading, total_bytes: int) -> dict:
-    files = report.files
+def _check_tokenizer_options(tokenizer: str, vocab_size: int | None, bpe_sample_bytes: int) -> None:
+    if tokenizer not in KINDS:
+        raise DataError(f"--tokenizer must be one of {', '.join(KINDS)}, got {tokenizer!r}")
+    if tokenizer == "char":
+        if vocab_size is not None:
+            raise DataError("--vocab-size is for --tokenizer bpe; a char vocabulary is every character the corpus has")
+        return
+    if vocab_size is None:
+        raise DataError("--tokenizer bpe needs --vocab-size")
+    try:
+        check_bpe_vocab_size(vocab_size)
+    except TinyGPTError as e:
+        raise DataError(str(e)) from None
+    if bpe_sample_bytes < 1:
+        raise DataError(f"--bpe-sample-mb must be positive, got {bpe_sample_bytes / 1e6:g}")
+
+
+def _meta(report: PrepareReport, counts: np.ndarray, val_fraction: float, reading: _Reading,
+          total_bytes: int) -> dict:
+    files, tokenizer = report.files, report.tokenizer
+    if isinstance(tokenizer, BPETokenizer):
+        described = {"type": "bpe", "file": "tokenizer.json",
+                     "sha256": hashlib.sha256(tokenizer.json_text.encode("utf-8")).hexdigest()}
+    else:
+        described = tokenizer.to_dict()
+    characters = np.flatnonzero(counts)
     return {
         "format": "tinygpt-data",
-        "version": 1,
-        "tokenizer": tokenizer.to_dict(),
+        "version": 2,
+        "tokenizer": described,
+        "tokenizer_kind": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
         "dtype": np.dtype(tokenizer.dtype).name,
-        "symbol_counts": {c: int(counts[ord(c)]) for c in tokenizer.chars},
+        **({"tokenizer_training": report.tokenizer_training} if report.tokenizer_training else {}),
+        "symbol_counts": {chr(c): int(counts[c]) for c in characters},
         "val_fraction": val_fraction,
         "split": "the last val_fraction of each file's characters is validation",
         "train_tokens": report.train_tokens,
         "val_tokens": report.val_tokens,
+        "train_characters": report.train_characters,
+        "val_characters": report.val_characters,
+        "train_bytes": report.train_bytes,
+        "val_bytes": report.val_bytes,
         "bytes": total_bytes,
         "encoding_errors": reading.encoding_errors,
         "replacements": sum(r.replacements for r in files),
@@ -323,8 +400,9 @@ def _temporary(out: Path, name: str, temporaries: dict[str, Path]) -> Iterator[B
         os.fsync(f.fileno())
 
 
-_OWNED_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin)\.([0-9]+)_[0-9a-f]+\.tmp")
-_OLD_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin)\.tmp")  # before temporaries had owners
+_OWNED_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin|tokenizer\.json)\.([0-9]+)_[0-9a-f]+\.tmp")
+# the temporaries of prepares from before temporaries had owners
+_OLD_TEMPORARY = re.compile(r"\.(?:meta\.json|train\.bin|val\.bin|tokenizer\.json)\.tmp")
 
 
 def _remove_dead_temporaries(out: Path) -> None:
@@ -351,9 +429,12 @@ def _commit(out: Path, temporaries: dict[str, Path]) -> None:
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        for name in ("train.bin", "val.bin", "meta.json"):
-            os.replace(temporaries[name], out / name)
-            del temporaries[name]
+        if "tokenizer.json" not in temporaries:  # a char preparation replacing a BPE one
+            (out / "tokenizer.json").unlink(missing_ok=True)
+        for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
+            if name in temporaries:
+                os.replace(temporaries[name], out / name)
+                del temporaries[name]
         _remove_dead_temporaries(out)
         os.fsync(fd)  # the renames reach the disk too
     finally:
@@ -418,26 +499,35 @@ def _vocabulary(counts: np.ndarray) -> CharTokenizer:
     return CharTokenizer([chr(c) for c in code_points])
 
 
-def _encode_pass(files: list[Path], reports: list[FileReport], tokenizer: CharTokenizer, out: Path,
-                 reading: _Reading, bar: tqdm, val_fraction: float, temporaries: dict[str, Path]) -> None:
-    """Pass 2: encode each file that decoded; its last val_fraction of characters go to val.bin.
-    The token files are written under temporary names (listed in `temporaries`) and fsynced.
-    A file that no longer reads as in pass 1 (changed meanwhile) stops the preparation."""
+def _split(report: FileReport, val_fraction: float) -> None:
+    """A file's split: its last val_fraction of characters are validation."""
+    report.val_characters = int(report.characters * val_fraction)
+    report.train_characters = report.characters - report.val_characters
+
+
+def _encode_pass(files: list[Path], prepared: PrepareReport, out: Path, reading: _Reading, bar: tqdm,
+                 val_fraction: float, temporaries: dict[str, Path]) -> None:
+    """Pass 2 (char): encode each file that decoded; its last val_fraction of characters go to
+    val.bin. The token files are written under temporary names (listed in `temporaries`) and
+    fsynced. A file that no longer reads as in pass 1 (changed meanwhile) stops the preparation."""
+    tokenizer = prepared.tokenizer
     table = np.where(tokenizer.table >= 0, tokenizer.table, 0).astype(tokenizer.dtype)
     ascii_ids = table[:256].astype(np.uint8).tobytes()  # ASCII ids are < 128: code point order
     with _temporary(out, "train.bin", temporaries) as train_file, \
             _temporary(out, "val.bin", temporaries) as val_file:
-        for path, report in zip(files, reports, strict=True):
+        for path, report in zip(files, prepared.files, strict=True):
             if report.status == "skipped":
                 continue
-            report.val_characters = int(report.characters * val_fraction)
-            report.train_characters = report.characters - report.val_characters
+            _split(report, val_fraction)
             changed = DataError(f"{printable_path(path)} changed while prepare read it; prepare again")
             written = 0
             try:
                 for chunk in reading.chunks(path, reading.encoding_errors, bar):
                     ids = utf8.encode(chunk, table, ascii_ids)
                     to_train = max(0, min(len(ids), report.train_characters - written))
+                    train_bytes = utf8.byte_count(chunk, to_train)
+                    prepared.train_bytes += train_bytes
+                    prepared.val_bytes += utf8.byte_count(chunk) - train_bytes
                     if to_train:
                         train_file.write(ids[:to_train])
                     if to_train < len(ids):
@@ -447,6 +537,137 @@ def _encode_pass(files: list[Path], reports: list[FileReport], tokenizer: CharTo
                 raise changed from None
             if written != report.characters:
                 raise changed
+    prepared.train_tokens, prepared.val_tokens = prepared.train_characters, prepared.val_characters
+
+
+# ----------------------------------------------------------------------------- byte-level BPE
+
+# Where text may be cut into pieces that encode exactly as the whole text does. The BPE's
+# pre-tokenizer (GPT-2's pattern) cuts text into pieces and merges only within one, so a cut
+# where it cuts anyway changes nothing. It always cuts after a lone newline between two
+# non-space characters, and before a lone space between two (the space starts the next word).
+# Whitespace here is what the Rust side's \s is: Python's \s less the separators U+001C-U+001F.
+_VISIBLE = r"[^\s\x1c-\x1f]"
+SAFE_CUT = re.compile(rf"(?<={_VISIBLE}\n)(?={_VISIBLE})|(?<={_VISIBLE})(?= {_VISIBLE})")
+
+
+def _safe_pieces(text: str, size: int, final: bool) -> tuple[list[str], str]:
+    """`text` cut at safe points (`SAFE_CUT`) into pieces of at least `size` characters, and the
+    rest, which waits for more text (all of it goes when `final`). Text with no safe point in
+    BPE_MAX_UNCUT characters (no spaces, no line breaks: rare in text) is cut where it is, which
+    may split one word there in two."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = SAFE_CUT.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    rest = text[start:]
+    if rest and (final or len(rest) > BPE_MAX_UNCUT):
+        pieces.append(rest)
+        rest = ""
+    return pieces, rest
+
+
+def _split_texts(path: Path, report: FileReport, reading: _Reading, bar: tqdm, train_limit: int | None = None):
+    """The file's text as ("train" | "val", piece) pairs in order, cut at safe points, the
+    training part and the validation part as two texts; with `train_limit`, only about the
+    first train_limit characters of the training part (whole chunks: a sample)."""
+    pending = {"train": "", "val": ""}
+    train_left = report.train_characters if train_limit is None else min(train_limit, report.train_characters)
+    for chunk in reading.chunks(path, reading.encoding_errors, bar):
+        text = utf8.text_of(chunk)
+        to_train = max(0, min(len(text), train_left))
+        train_left -= to_train
+        parts = [("train", text[:to_train], train_left == 0)]
+        if train_limit is None:
+            parts.append(("val", text[to_train:], False))  # the validation part ends with the file
+        for split, part, ends in parts:
+            if part:
+                pieces, pending[split] = _safe_pieces(pending[split] + part, BPE_PIECE_CHARS, final=ends)
+                yield from ((split, piece) for piece in pieces)
+        if train_limit is not None and train_left == 0:
+            return
+    for split in ("train", "val"):
+        if pending[split]:
+            yield split, pending[split]
+
+
+def _train_bpe_pass(files: list[Path], reports: list[FileReport], reading: _Reading, bar: tqdm,
+                    val_fraction: float, vocab_size: int, sample_bytes: int, training: dict) -> BPETokenizer:
+    """Pass 2 (BPE): learn the merges from the training text, or from the first `share` of each
+    file's training text when the whole is more than `sample_bytes` (every file, every author,
+    is in the sample). What was used is recorded in `training`."""
+    for report in reports:
+        if report.status != "skipped":
+            _split(report, val_fraction)
+    train_characters = sum(r.train_characters for r in reports if r.status != "skipped")
+    if train_characters == 0:
+        raise DataError("the corpus is empty: no text to learn a BPE from")
+    train_bytes = sum(r.bytes * r.train_characters / max(1, r.characters) for r in reports)  # about
+    share = min(1.0, sample_bytes / max(1.0, train_bytes))
+    used = {"characters": 0}
+
+    def texts() -> Iterator[str]:
+        for path, report in zip(files, reports, strict=True):
+            if report.status == "skipped":
+                continue
+            limit = report.train_characters if share >= 1 else math.ceil(report.train_characters * share)
+            for _, piece in _split_texts(path, report, reading, bar, train_limit=limit):
+                used["characters"] += len(piece)
+                yield piece
+
+    try:
+        tokenizer = train_bpe(texts(), vocab_size)
+    except utf8.UndecodableFile:
+        raise DataError("a file changed while prepare read it; prepare again") from None
+    training.update({"vocab_size_asked": vocab_size, "vocab_size": tokenizer.vocab_size,
+                     "sample_bytes_limit": sample_bytes, "share_of_each_file": round(share, 6),
+                     "characters_used": used["characters"]})
+    if tokenizer.vocab_size < vocab_size:
+        print(f"note: the BPE has {tokenizer.vocab_size} tokens, not {vocab_size}: "
+              f"the text has no more pairs to merge", file=sys.stderr)
+    return tokenizer
+
+
+def _encode_pass_bpe(files: list[Path], prepared: PrepareReport, out: Path, reading: _Reading, bar: tqdm,
+                     val_fraction: float, temporaries: dict[str, Path]) -> None:
+    """Pass 3 (BPE): each file's training and validation text, encoded as two texts, in pieces
+    cut at safe points (so exactly as if encoded whole), many pieces per parallel batch."""
+    tokenizer: BPETokenizer = prepared.tokenizer
+    batch: list[tuple[str, str]] = []
+    with _temporary(out, "train.bin", temporaries) as train_file, \
+            _temporary(out, "val.bin", temporaries) as val_file:
+        outputs = {"train": train_file, "val": val_file}
+
+        def encode_batch() -> None:
+            for (split, _), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch]), strict=True):
+                outputs[split].write(ids)
+                size = int(tokenizer.byte_lengths[ids].sum())
+                if split == "train":
+                    prepared.train_tokens += len(ids)
+                    prepared.train_bytes += size
+                else:
+                    prepared.val_tokens += len(ids)
+                    prepared.val_bytes += size
+            batch.clear()
+
+        for path, report in zip(files, prepared.files, strict=True):
+            if report.status == "skipped":
+                continue
+            read = 0
+            try:
+                for split, piece in _split_texts(path, report, reading, bar):
+                    batch.append((split, piece))
+                    read += len(piece)
+                    if len(batch) * BPE_PIECE_CHARS >= BPE_BATCH_CHARS:
+                        encode_batch()
+            except utf8.UndecodableFile:
+                read = -1
+            if read != report.characters:
+                raise DataError(f"{printable_path(path)} changed while prepare read it; prepare again")
+        encode_batch()
 
 
 def load_meta(data_dir: str | Path) -> dict:
@@ -464,8 +685,48 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def load_tokenizer(data_dir: str | Path) -> CharTokenizer:
-    return CharTokenizer.from_dict(load_meta(data_dir)["tokenizer"])
+def load_tokenizer(data_dir: str | Path, meta: dict | None = None) -> Tokenizer:
+    """The data directory's tokenizer: from meta.json (char) or its tokenizer.json (BPE), which
+    must be the file prepare wrote (its SHA-256 is in meta.json)."""
+    meta = load_meta(data_dir) if meta is None else meta
+    described = meta.get("tokenizer")
+    kind = described.get("type") if isinstance(described, dict) else None
+    try:
+        if kind == "char":
+            return CharTokenizer.from_dict(described)
+        if kind != "bpe":
+            raise DataError(f"{printable_path(data_dir)}: meta.json names an unknown tokenizer ({kind!r}); "
+                            f"this tinyGPT knows {', '.join(KINDS)}")
+        path = Path(data_dir) / str(described.get("file", "tokenizer.json"))
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read {printable_path(path)}: {e.strerror or e}; prepare again") from None
+        if hashlib.sha256(raw).hexdigest() != described.get("sha256"):
+            raise DataError(f"{printable_path(path)} is not the tokenizer prepare wrote (its SHA-256 differs "
+                            f"from meta.json's); prepare again")
+        return BPETokenizer(raw.decode("utf-8", errors="replace"), where=printable_path(path))
+    except DataError:
+        raise
+    except TinyGPTError as e:
+        raise DataError(str(e)) from None
+
+
+def split_sizes(data_dir: str | Path, split: str, tokenizer: Tokenizer, tokens: np.ndarray) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of a split's text: from meta.json, or counted from its tokens
+    for a data directory prepared before meta.json recorded them."""
+    meta = load_meta(data_dir)
+    if f"{split}_bytes" in meta and f"{split}_characters" in meta:
+        return int(meta[f"{split}_characters"]), int(meta[f"{split}_bytes"])
+    return text_sizes(tokens, tokenizer)
+
+
+def text_sizes(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of the text the tokens stand for, counted a slice at a time."""
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), 1 << 24):
+        counts += np.bincount(np.asarray(tokens[start:start + (1 << 24)]), minlength=tokenizer.vocab_size)
+    return int(counts @ tokenizer.char_starts), int(counts @ tokenizer.byte_lengths)
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:

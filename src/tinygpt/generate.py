@@ -242,14 +242,23 @@ def _steps(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: int,
 def stream_text(
     model: GPT, tokenizer, prompt: str, max_new_tokens: int = 500, **options
 ) -> Iterator[list[str]]:
-    """Yield the next character of every sample, step by step. Unknown prompt characters
-    raise UnknownCharacterError; an empty prompt starts from a newline (or the first
-    symbol of the vocabulary when it has no newline)."""
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.index.get("\n", 0)]
+    """Yield the new text of every sample, step by step: one token's text per step, except
+    that a token ending inside a multi-byte character (BPE) yields "" and its bytes come with
+    the token that completes the character; a last step may yield what is left over.
+    max_new_tokens counts tokens. Unknown prompt characters (char tokenizer) raise
+    UnknownCharacterError; an empty prompt starts from a newline (or the first symbol of a
+    character vocabulary that has none)."""
+    ids = tokenizer.encode(prompt) if prompt else tokenizer.start_ids()
+    streams = None
     for next_ids in generate_ids(model, ids, max_new_tokens, **options):
-        yield [tokenizer.chars[i] for i in next_ids.tolist()]
+        if streams is None:
+            streams = [tokenizer.stream() for _ in range(len(next_ids))]
+        yield [stream.feed(i) for stream, i in zip(streams, next_ids.tolist(), strict=True)]
+    rest = [stream.flush() for stream in streams or []]
+    if any(rest):
+        yield rest
 
 
 def generate_text(model: GPT, tokenizer, prompt: str = "", max_new_tokens: int = 500, **options) -> str:
-    """The prompt followed by max_new_tokens generated characters (the first sample)."""
+    """The prompt followed by the text of max_new_tokens generated tokens (the first sample)."""
     return prompt + "".join(step[0] for step in stream_text(model, tokenizer, prompt, max_new_tokens, **options))

@@ -351,6 +351,27 @@ def _distinct(code_points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return present.astype(np.intp), counts.astype(np.int64)
 
 
+def text_of(chunk: Chunk) -> str:
+    """The chunk's characters as a str (what a tokenizer of Python strings needs)."""
+    if isinstance(chunk, Utf8Chunk):
+        return chunk.data[:chunk.length].decode("utf-8")
+    return chunk.tobytes().decode("utf-32-le")
+
+
+def byte_count(chunk: Chunk, characters: int | None = None) -> int:
+    """UTF-8 bytes of the chunk's text, or of its first `characters` characters."""
+    if isinstance(chunk, Utf8Chunk):
+        if characters is None or characters >= chunk.characters:
+            return chunk.length
+        if not len(chunk.lead_offsets):
+            return characters  # ASCII: a byte per character
+        before = int(np.searchsorted(chunk.character_offsets(), characters))  # multi-byte ones among them
+        return characters + int((chunk.lead_lengths[:before] - 1).sum(dtype=np.intp))
+    code_points = chunk if characters is None else chunk[:characters]
+    return int(len(code_points) + (code_points >= 0x80).sum() + (code_points >= 0x800).sum()
+               + (code_points >= 0x10000).sum())
+
+
 def tally(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
     """The chunk's distinct code points, in increasing order, and how often each occurs."""
     if not isinstance(chunk, Utf8Chunk):
