@@ -74,7 +74,8 @@ def test_prepare_and_train(trained):
 def test_eval_json(trained):
     result = assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--json", "--device", "cpu"))
     values = json.loads(result.stdout)
-    assert set(values) == {"loss", "bits_per_char", "perplexity", "characters", "stride"}
+    assert set(values) == {"loss", "bits_per_char", "bits_per_byte", "perplexity", "tokens", "characters", "bytes",
+                           "stride"}
     assert values["bits_per_char"] == pytest.approx(values["loss"] / math.log(2), rel=1e-9)
     assert values["perplexity"] == pytest.approx(math.exp(values["loss"]), rel=1e-9)
     block_size = json.loads((trained.run / "config.json").read_text())["model"]["block_size"]
@@ -95,14 +96,16 @@ def test_eval_json(trained):
     lines = assert_ok(run_cli("eval", trained.run, "--data", trained.data, "--split", "train", "--device", "cpu",
                               "--no-progress")).stdout.splitlines()
     assert lines[0].startswith("train loss: ")
-    assert lines[0].endswith(f" nats/char over {read_meta(trained.data)['train_tokens'] - 1:,} characters")
-    assert lines[1].startswith("train bits/char: ") and lines[2].startswith("train perplexity: ")
+    predicted = read_meta(trained.data)['train_tokens'] - 1
+    assert lines[0].endswith(f" nats/token over {predicted:,} tokens ({predicted:,} characters, {predicted:,} bytes)")
+    assert lines[1].startswith("train bits/byte: ") and lines[2].startswith("train bits/char: ")
+    assert lines[3].startswith("train perplexity: ")
     # the library's numbers, to the printed precision (4 and 3 decimals); recomputing bits/char and
     # perplexity from the printed loss instead could differ in the last printed digit
     expected = evaluate_tokens(model, load_tokens(trained.data, "train"))
     assert float(lines[0].split()[2]) == pytest.approx(expected.loss, abs=6e-5)
-    assert float(lines[1].split()[-1]) == pytest.approx(expected.bits_per_char, abs=6e-4)
-    assert float(lines[2].split()[-1]) == pytest.approx(expected.perplexity, abs=6e-4)
+    assert float(lines[2].split()[-1]) == pytest.approx(expected.bits_per_char, abs=6e-4)
+    assert float(lines[3].split()[2]) == pytest.approx(expected.perplexity, abs=6e-4)
 
 
 def test_sample_same_seed_same_text(trained):

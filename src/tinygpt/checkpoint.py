@@ -37,7 +37,7 @@ from tinygpt.config import ModelConfig, model_config_from_dict, train_config_fro
 from tinygpt.errors import CheckpointError, ConfigError, TinyGPTError
 from tinygpt.model import GPT
 from tinygpt.rundir import TENSOR_FILE
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "tinygpt-checkpoint"
 VERSION = 1
@@ -244,18 +244,21 @@ def best_or_last(run_dir: str | Path) -> str:
     raise CheckpointError(f"{run_dir} holds no checkpoint (no best.json or last.json)")
 
 
-def build_model(record: dict[str, Any], allocate: bool = True) -> tuple[GPT, CharTokenizer, ModelConfig]:
+def build_model(record: dict[str, Any], allocate: bool = True) -> tuple[GPT, Tokenizer, ModelConfig]:
     """The model a record describes. Its size is checked against the weights file first
     (shapes only, on the meta device), so an absurd config cannot allocate memory;
     allocate=False returns the meta-device model (enough to count parameters)."""
     try:
         config = model_config_from_dict(record["model_config"])
-        tokenizer = CharTokenizer.from_dict(record["tokenizer"])
         config.validate()
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint record is incomplete: {e}") from None
     except TinyGPTError as e:
         raise CheckpointError(f"checkpoint record has an impossible model config: {e}") from None
+    try:
+        tokenizer = tokenizer_from_dict(record.get("tokenizer"))
+    except TinyGPTError as e:
+        raise CheckpointError(f"checkpoint record has an unusable tokenizer: {e}") from None
     if config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError("checkpoint's vocabulary size and tokenizer disagree")
     weights_bytes = (record.get("files") or {}).get("model", {}).get("bytes", 0)
@@ -300,7 +303,7 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_model(
     run_dir: str | Path, name: str | None = None, device: str | torch.device = "cpu"
-) -> tuple[GPT, CharTokenizer]:
+) -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a run's `best` (else `last`) checkpoint,
     on the decode path the run recorded (speed.py; nothing is timed)."""
     name = name or best_or_last(run_dir)

@@ -28,14 +28,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_prepare(args) -> int:
-    from tinygpt.data import prepare
+    from tinygpt.data import BPE_DEFAULT_SAMPLE_BYTES, prepare
 
+    if args.bpe_sample_mb is not None and args.tokenizer != "bpe":
+        raise TinyGPTError("--bpe-sample-mb is for --tokenizer bpe")
+    sample_mb = args.bpe_sample_mb if args.bpe_sample_mb is not None else BPE_DEFAULT_SAMPLE_BYTES / 1e6
     report = prepare(args.inputs, args.out, val_fraction=args.val_fraction, glob=args.glob,
                      encoding_errors=args.encoding_errors, progress=None if not args.no_progress else False,
-                     keep_line_endings=args.keep_line_endings, overwrite=args.overwrite)
+                     keep_line_endings=args.keep_line_endings, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                     vocab_size=args.vocab_size, bpe_sample_bytes=round(sample_mb * 1e6))
     kept = [f for f in report.files if f.status != "skipped"]
-    print(f"prepared {len(kept)} file(s) into {report.out_dir}: vocabulary {len(report.vocab)} symbols, "
-          f"{report.train_tokens:,} train + {report.val_tokens:,} val characters")
+    tokenizer = report.tokenizer
+    tokens = report.train_tokens + report.val_tokens
+    characters_per_token = (report.train_characters + report.val_characters) / max(1, tokens)
+    what = (f"{tokenizer.vocab_size} symbols" if tokenizer.kind == "char" else
+            f"byte-level BPE of {tokenizer.vocab_size} tokens ({characters_per_token:.2f} characters per token)")
+    print(f"prepared {len(kept)} file(s) into {report.out_dir}: vocabulary {what}, "
+          f"{report.train_tokens:,} train + {report.val_tokens:,} val tokens")
     return 0
 
 
@@ -76,8 +85,9 @@ def cmd_train(args) -> int:
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
                    progress=not args.no_progress, overwrite=args.overwrite)
     if result.val_loss is not None and result.rank == 0:
-        print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} "
-              f"({result.val_loss / 0.6931471805599453:.3f} bits/char, as logged); run saved in {args.out}")
+        print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} nats/token "
+              f"({result.val_bits_per_byte:.3f} bits/byte, {result.val_bits_per_char:.3f} bits/char, as logged); "
+              f"run saved in {args.out}")
     return 130 if result.interrupted else 0
 
 
@@ -93,22 +103,27 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model, tokenizer = load_model(args.run_dir, device=device)
-    if load_tokenizer(args.data).chars != tokenizer.chars:
-        raise TinyGPTError(
-            f"the vocabulary of {args.data} differs from the run's; evaluate on the data it was trained on")
+    data_tokenizer = load_tokenizer(args.data)
+    if data_tokenizer.to_dict() != tokenizer.to_dict():
+        which = "vocabulary" if data_tokenizer.kind == tokenizer.kind else \
+            f"tokenizer ({data_tokenizer.kind}; the run's is {tokenizer.kind})"
+        raise TinyGPTError(f"the {which} of {args.data} differs from the run's; evaluate on the data it was "
+                           f"trained on")
     tokens = load_tokens(args.data, args.split)
-    with tqdm(total=max(0, len(tokens) - 1), unit="char", unit_scale=True, desc=f"eval {args.split}",
+    with tqdm(total=max(0, len(tokens) - 1), unit="token", unit_scale=True, desc=f"eval {args.split}",
               disable=args.json or args.no_progress, leave=False) as bar:
         result = evaluate_tokens(model, tokens, batch_size=args.batch_size, device=device, progress=bar.update,
-                                 stride=args.stride)
+                                 stride=args.stride, tokenizer=tokenizer)
     if not args.json:
         print(args.threads_line, file=sys.stderr)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
-        print(f"{args.split} loss: {result.loss:.4f} nats/char over {result.characters:,} characters")
+        print(f"{args.split} loss: {result.loss:.4f} nats/token over {result.tokens:,} tokens "
+              f"({result.characters:,} characters, {result.bytes:,} bytes)")
+        print(f"{args.split} bits/byte: {result.bits_per_byte:.3f}")
         print(f"{args.split} bits/char: {result.bits_per_char:.3f}")
-        print(f"{args.split} perplexity: {result.perplexity:.3f}")
+        print(f"{args.split} perplexity: {result.perplexity:.3f} (per token)")
     return 0
 
 
@@ -279,6 +294,14 @@ def _add_training_commands(sub) -> None:
                    help="invalid UTF-8: stop (strict), substitute U+FFFD (replace) or skip the file")
     p.add_argument("--keep-line-endings", action="store_true",
                    help="keep CR LF and lone CR as they are (default: each becomes LF)")
+    p.add_argument("--tokenizer", default="char", metavar="{char,bpe}",
+                   help="char: one id per character the corpus has (default); bpe: a byte-level BPE learned "
+                        "from the corpus, which encodes any text")
+    p.add_argument("--vocab-size", type=int, metavar="N",
+                   help="the BPE's vocabulary (256 to 65536 tokens; e.g. 4096)")
+    p.add_argument("--bpe-sample-mb", type=float, metavar="MB",
+                   help="learn the BPE's merges from at most this much of the training text, the same share "
+                        "of every file (default 1073.7 MB: 1 GiB)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -298,14 +321,14 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="loss, bits/char and perplexity over a whole split")
+    p = sub.add_parser("eval", help="loss per token, bits/byte, bits/char and perplexity over a whole split")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", required=True, metavar="DATA_DIR")
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--stride", type=int, metavar="N",
-                   help="overlapping windows N characters apart: every character after the first window is "
-                        "predicted from at least block_size - N + 1 characters (default: block_size, no overlap)")
+                   help="overlapping windows N tokens apart: every token after the first window is "
+                        "predicted from at least block_size - N + 1 tokens (default: block_size, no overlap)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -317,7 +340,8 @@ def _add_sampling_commands(sub) -> None:
     p = sub.add_parser("sample", help="generate text, streamed")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=500,
+                   help="tokens to generate (characters with a char tokenizer; default 500)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -355,7 +379,7 @@ def _add_serving_and_measuring_commands(sub) -> None:
 
     p = sub.add_parser("chat", help="type prompts, watch the model continue them (streamed)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens per reply (default 300)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)

@@ -59,11 +59,10 @@ from tinygpt.tokenizer import (
     MAX_VOCAB_SIZE,
     BPETokenizer,
     CharTokenizer,
+    Tokenizer,
     check_bpe_vocab_size,
     train_bpe,
 )
-
-Tokenizer = CharTokenizer | BPETokenizer
 
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time: a chunk and its temporaries stay in the CPU caches
 PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar from this corpus size on

@@ -3,7 +3,9 @@
 It knows nothing of HTTP. `serve.py` (the OpenAI-compatible adapter) and `playground.py`
 (the browser's routes) parse a request, then drive the engine:
 
-1. `encode_prompt` turns the prompt into token ids, or raises `PromptRejected`.
+1. `encode_prompt` turns the prompt into token ids, or raises `PromptRejected`. The engine
+   serves either tokenizer (character or byte-level BPE) through their shared interface:
+   it counts and generates tokens, and limits a prompt's length in characters.
 2. `slot()` admits the request: a FIFO of `Limits.max_active` slots. Up to `max_queue`
    more requests wait for one; beyond that `slot()` raises `ServerBusy`, and a request
    that waits longer than `queue_timeout` gets `ServerOverloaded`. Both carry a
@@ -35,7 +37,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -45,7 +47,7 @@ import torch
 from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
 from tinygpt.generate import generate_ids
 from tinygpt.model import GPT
-from tinygpt.tokenizer import CharTokenizer, UnknownCharacterError
+from tinygpt.tokenizer import BPETokenizer, CharTokenizer, UnknownCharacterError
 
 BUSY_RETRY_AFTER = 1  # seconds a client refused at a full queue is told to wait
 OVERLOADED_RETRY_AFTER = 5  # seconds a client that timed out in the queue is told to wait
@@ -55,7 +57,8 @@ log = logging.getLogger(__name__)
 
 class PromptRejected(TinyGPTError):
     """A prompt the engine cannot take: longer than `Limits.max_prompt_chars`, or holding
-    characters outside the vocabulary (HTTP 400 on `prompt`)."""
+    characters outside a character tokenizer's vocabulary (HTTP 400 on `prompt`). A BPE
+    encodes any text."""
 
 
 class ModelFailed(TinyGPTError):
@@ -74,7 +77,7 @@ class Limits:
     """What one request may ask for, and how much work the server takes on at once."""
 
     max_prompt_chars: int = 8192
-    max_tokens: int = 1024  # the cap on max_tokens (characters generated per choice)
+    max_tokens: int = 1024  # the cap on max_tokens (tokens generated per choice)
     max_n: int = 8  # the cap on n (choices per request)
     max_alternatives: int = 20  # the cap on top-k alternatives in /api/generate
     max_body_bytes: int = 65536
@@ -99,7 +102,8 @@ class Sampling:
 class Engine:
     """One model, one model thread, and the FIFO that admits requests to it."""
 
-    def __init__(self, model: GPT, tokenizer: CharTokenizer, model_id: str, limits: Limits, threads: int | None = 1):
+    def __init__(self, model: GPT, tokenizer: CharTokenizer | BPETokenizer, model_id: str, limits: Limits,
+                 threads: int | None = 1):
         self.model, self.tokenizer, self.model_id, self.limits = model, tokenizer, model_id, limits
         # Torch's CPU thread count is per calling thread. One is the default: a small model at
         # batch 1 gains little from more, and on a busy machine the extra threads wait for each
@@ -187,8 +191,8 @@ class Engine:
             ids = self.tokenizer.encode(prompt)
         except UnknownCharacterError as e:
             raise PromptRejected(f"prompt has {e}") from None
-        # an empty prompt starts from a newline, as `tinygpt sample` does
-        return ids or [self.tokenizer.index.get("\n", 0)]
+        # an empty prompt starts where `tinygpt sample` starts one (a newline)
+        return ids or self.tokenizer.start_ids()
 
     async def steps(self, prompt_ids: list[int], sampling: Sampling, convert: Callable[..., Any],
                     stop_early: Callable[[], bool] | None = None) -> AsyncIterator[list[Any]]:
@@ -246,21 +250,28 @@ class Engine:
             elif not failed:
                 self.cancelled += 1
 
-    def attention(self, text: str, query: int | None) -> dict[str, Any]:
-        """Attention weights for the last block_size characters of text (runs on the model
-        thread); ModelFailed when they are not finite numbers."""
-        block = self.model.config.block_size
-        shown = text[-block:]
-        ids = torch.tensor([self.tokenizer.encode(shown)], device=next(self.model.parameters()).device)
-        maps = self.model.attention_maps(ids).float()  # (L, nh, T, T)
+    def attention(self, text: str, query: int | None, following: Sequence[int] = ()) -> dict[str, Any]:
+        """Attention weights over the last block_size tokens of text (followed by the token ids
+        `following`, as a generation appends them), the window the model sees; runs on the
+        model thread. An empty text is what a generation with an empty prompt starts from.
+        `tokens` are those tokens as readable strings, `offset` counts the tokens before them,
+        and `query` (negative: from the end) picks one position's row, all in tokens.
+        ModelFailed when the weights are not finite numbers."""
+        # A generation's tokens, re-encoded from their text, may come out as other tokens (a
+        # BPE can merge across them, and bytes of an unfinished character are no text yet):
+        # `following` gives the ones the model saw.
+        ids = (self.tokenizer.encode(text) or self.tokenizer.start_ids()) + list(following)
+        shown = ids[-self.model.config.block_size:]
+        maps = self.model.attention_maps(torch.tensor([shown], device=next(self.model.parameters()).device))
+        maps = maps.float()  # (L, nh, T, T)
         if not bool(maps.isfinite().all()):  # JSON has no NaN: say so rather than fail to answer
             raise ModelFailed("the model failed while reading attention: its attention weights are not finite "
                               "numbers (are its weights NaN or infinite?)")
         if query is not None:
             maps = maps[:, :, query, :]  # (L, nh, T)
         return {
-            "tokens": list(shown),
-            "offset": len(text) - len(shown),
+            "tokens": [self.tokenizer.display(i) for i in shown],
+            "offset": len(ids) - len(shown),
             "query": None if query is None else query % len(shown),
             "n_layer": maps.size(0),
             "n_head": maps.size(1),

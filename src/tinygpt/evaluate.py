@@ -1,15 +1,18 @@
-"""Loss over a whole split: every character after the first is predicted exactly once.
+"""Loss over a whole split: every token after the first is predicted exactly once.
 
-By default the split is cut into consecutive windows of block_size characters; each
-window predicts its own next characters, so a character's context is what precedes it in
-its window: 1 to block_size characters, about block_size / 2 on average, as when training
-batches are scored. With a stride below block_size the windows overlap: each starts
-`stride` characters after the previous one and scores only its last `stride` predictions,
-so every character after the first window is predicted from at least
-block_size - stride + 1 characters (stride 1: from a full window), at block_size / stride
-times the cost.
-The result is reported as nats/char (the cross-entropy), bits/char (nats / ln 2) and
-perplexity (e^nats).
+By default the split is cut into consecutive windows of block_size tokens; each window
+predicts its own next tokens, so a token's context is what precedes it in its window: 1 to
+block_size tokens, about block_size / 2 on average, as when training batches are scored.
+With a stride below block_size the windows overlap: each starts `stride` tokens after the
+previous one and scores only its last `stride` predictions, so every token after the first
+window is predicted from at least block_size - stride + 1 tokens (stride 1: from a full
+window), at block_size / stride times the cost.
+
+The summed loss (nats) is reported three ways: per token (the cross-entropy, and the
+perplexity e^loss), and in bits per character and bits per byte: the same total divided by
+the characters, or the UTF-8 bytes, of the predicted tokens' text, over ln 2. With the
+character tokenizer a token is a character, so bits per byte = bits per char x characters /
+bytes exactly; bits per byte compares runs of any tokenizer on the same text.
 """
 
 from __future__ import annotations
@@ -22,17 +25,21 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt.config import TinyGPTError
-from tinygpt.data import gather_windows
+from tinygpt.data import gather_windows, text_sizes
 from tinygpt.model import GPT
+from tinygpt.tokenizer import Tokenizer
 
 
 @dataclass
 class EvalResult:
-    loss: float  # nats per character
+    loss: float  # nats per token
     bits_per_char: float
-    perplexity: float
-    characters: int
-    stride: int  # characters between window starts (block_size: consecutive windows)
+    bits_per_byte: float
+    perplexity: float  # per token
+    tokens: int  # predictions scored: every token after the first
+    characters: int  # characters of their text
+    bytes: int  # UTF-8 bytes of their text
+    stride: int  # tokens between window starts (block_size: consecutive windows)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,14 +56,17 @@ def window_losses(model: GPT, tokens: np.ndarray, starts: np.ndarray, length: in
 @torch.no_grad()
 def evaluate_tokens(
     model: GPT, tokens: np.ndarray, batch_size: int = 32, device: torch.device | str = "cpu",
-    progress=None, stride: int | None = None,
+    progress=None, stride: int | None = None, tokenizer: Tokenizer | None = None,
 ) -> EvalResult:
-    """The loss over every prediction in `tokens` (see the module docstring)."""
+    """The loss over every prediction in `tokens` (see the module docstring). Without a
+    tokenizer each token counts as one character of one byte."""
     stride = model.config.block_size if stride is None else stride
     predicted = len(tokens) - 1
     total = split_nats(model, tokens, batch_size, device, progress, stride)
+    characters, size = text_sizes(tokens[1:], tokenizer) if tokenizer is not None else (predicted, predicted)
     loss = total / predicted
-    return EvalResult(loss, loss / math.log(2), math.exp(loss), predicted, stride)
+    return EvalResult(loss, total / characters / math.log(2), total / size / math.log(2), math.exp(loss),
+                      predicted, characters, size, stride)
 
 
 @torch.no_grad()
@@ -71,7 +81,7 @@ def split_nats(
     stride = block if stride is None else stride
     predicted = len(tokens) - 1
     if predicted < 1:
-        raise TinyGPTError("the split has fewer than 2 characters: nothing to evaluate")
+        raise TinyGPTError("the split has fewer than 2 tokens: nothing to evaluate")
     if batch_size < 1:
         raise TinyGPTError(f"the evaluation batch size must be at least 1, got {batch_size}")
     if not 1 <= stride <= block:

@@ -1,9 +1,9 @@
 """`tinygpt serve`: an OpenAI-compatible HTTP API over the engine, and the app that holds it.
 
-    POST /v1/completions   the OpenAI completions subset that applies to a character model
+    POST /v1/completions   the OpenAI completions subset that applies to a small local model
     GET  /v1/models        the one model this server holds
     GET  /health           liveness, plus how busy the server is
-    GET  /api/info         the model's configuration and size, and the server's limits
+    GET  /api/info         the model's configuration, size and tokenizer kind, and the server's limits
     POST /api/generate, POST /api/attention, GET /: the playground (playground.py)
 
 This module owns HTTP: the request schemas, the body-size limit, OpenAI's error bodies and
@@ -14,10 +14,12 @@ playground's on one app.
 How a completion flows. The event loop only parses, admits and streams. `BodyLimit` refuses
 a body over `max_body_bytes` (413) before the app parses it; pydantic parses it (422 on
 invalid JSON or a field out of range); `_completion_arguments` checks it against the limits
-and what a character model can honour (400, or 404 for another model's name);
+and what this server can honour (400, or 404 for another model's name);
 `Engine.encode_prompt` turns the prompt into ids; `Engine.slot()` admits the request and
-`Engine.steps` generates a time slice at a time on the model thread, each step's characters
-going into one `Choice` per sample, which applies the stop sequences. A plain request is
+`Engine.steps` generates a time slice at a time on the model thread. Each sample's tokens
+go through its own `tokenizer.stream()`, so that its text never holds half a character (a
+BPE token may end inside one: its bytes wait for the token that completes it), into one
+`Choice` per sample, which applies the stop sequences to that text. A plain request is
 answered when its steps end; a streamed one sends each slice's new text as an event. The
 engine's typed errors become statuses here (`api_error_of`): `PromptRejected` 400,
 `ServerBusy` 429 and `ServerOverloaded` 503, both with Retry-After, `ModelFailed` 500. A
@@ -70,7 +72,7 @@ from tinygpt.engine import Engine, Limits, ModelFailed, PromptRejected, Sampling
 from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
 from tinygpt.hardware import resolve_device
 from tinygpt.model import GPT
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 __all__ = ["APIError", "Choice", "Engine", "Limits", "LOOPBACK_HOSTS", "create_app", "hosts_for_bind", "serve"]
 
@@ -115,12 +117,16 @@ def api_error_of(error: Exception) -> APIError:
 # ----------------------------------------------------------------------------- request bodies
 
 
+MAX_TOKENS_DESCRIPTION = ("how many tokens to generate per choice: characters for a character model, "
+                          "byte-level BPE tokens (a few bytes each) for a BPE model")
+
+
 class CompletionRequest(BaseModel):
-    """The fields of OpenAI's POST /v1/completions that a character model can honour."""
+    """The fields of OpenAI's POST /v1/completions that this server can honour."""
 
     model: str
     prompt: str | list[str] = ""
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, description=MAX_TOKENS_DESCRIPTION)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's, but other local servers accept it too
@@ -141,7 +147,7 @@ class CompletionRequest(BaseModel):
 
 
 def check_sampling(limits: Limits, max_tokens: int, n: int) -> None:
-    """Refuse (400) more characters or choices than the limits allow."""
+    """Refuse (400) more tokens or choices than the limits allow."""
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens is {max_tokens}; this server generates at most {limits.max_tokens}",
                        param="max_tokens")
@@ -155,7 +161,9 @@ def check_sampling(limits: Limits, max_tokens: int, n: int) -> None:
 class Choice:
     """One completion's text as it grows, with OpenAI's stop-sequence rules: the stop
     sequence is cut off, and text that might be the start of one is held back from the
-    stream until it is known not to be."""
+    stream until it is known not to be. It is given whole characters only (a `TextStream`
+    holds back a character's first bytes), one piece per token, "" for a token that ends
+    inside a character."""
 
     def __init__(self, stops: list[str]):
         self.stops = stops
@@ -165,9 +173,10 @@ class Choice:
         self.finish_reason: str | None = None
         self.reported = False  # whether the stream has sent this choice's finish_reason
 
-    def add(self, char: str) -> None:
-        self.text += char
-        self.tokens += 1
+    def add(self, text: str, tokens: int = 1) -> None:
+        """Append the text that `tokens` more generated tokens completed."""
+        self.text += text
+        self.tokens += tokens
         cuts = [i for stop in self.stops if (i := self.text.find(stop, max(0, len(self.text) - len(stop)))) >= 0]
         if cuts:
             self.text = self.text[:min(cuts)]
@@ -195,18 +204,24 @@ class Choice:
 class Completion:
     """One /v1/completions request's choices as they grow, and the bodies that report them."""
 
-    def __init__(self, engine: Engine, prompt: str, stops: list[str], n: int):
-        self.chars = engine.tokenizer.chars
-        self.prompt_tokens = len(prompt)
+    def __init__(self, engine: Engine, prompt_tokens: int, stops: list[str], n: int):
+        self.prompt_tokens = prompt_tokens
         self.choices = [Choice(stops) for _ in range(n)]
+        self.streams = [engine.tokenizer.stream() for _ in range(n)]  # bytes to text, one per choice
         self.header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                        "model": engine.model_id}
 
     def add(self, ids: torch.Tensor, probs: torch.Tensor) -> None:
-        """Append one step's characters (runs on the model thread, step by step)."""
-        for choice, token in zip(self.choices, ids.tolist(), strict=True):
+        """Append one step's tokens (runs on the model thread, step by step)."""
+        for choice, stream, token in zip(self.choices, self.streams, ids.tolist(), strict=True):
             if choice.finish_reason is None:
-                choice.add(self.chars[token])
+                choice.add(stream.feed(token))
+
+    def finish(self) -> None:
+        """The steps are over: what an unfinished character left in a stream ends its text (as U+FFFD)."""
+        for choice, stream in zip(self.choices, self.streams, strict=True):
+            if choice.finish_reason is None:
+                choice.add(stream.flush(), tokens=0)
 
     def all_stopped(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
@@ -407,7 +422,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None = None, threads: int | None = 1,
-               model: GPT | None = None, tokenizer: CharTokenizer | None = None,
+               model: GPT | None = None, tokenizer: CharTokenizer | BPETokenizer | None = None,
                allowed_hosts: Iterable[str] | None = None, docs: bool = False) -> FastAPI:
     """The ASGI app serving the run in run_dir (or an already loaded model and tokenizer).
     threads: torch CPU threads for the model (None: torch's default). allowed_hosts: the
@@ -422,7 +437,7 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
     model.eval()
     engine = Engine(model, tokenizer, Path(run_dir).resolve().name or "tinygpt", limits, threads)
     shown = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="tinyGPT", version="0.1.0", summary="a small character-level GPT, served", **shown)
+    app = FastAPI(title="tinyGPT", version="0.1.0", summary="a small GPT, served", **shown)
     app.state.engine = engine
     _add_error_handlers(app)
 
@@ -438,7 +453,7 @@ def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None 
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
-        return {"model": engine.model_id, "config": dataclasses.asdict(model.config),
+        return {"model": engine.model_id, "tokenizer": tokenizer.kind, "config": dataclasses.asdict(model.config),
                 "parameters": model.num_parameters(), "limits": dataclasses.asdict(limits)}
 
     @app.post("/v1/completions")
@@ -484,7 +499,8 @@ async def _completions(engine: Engine, body: CompletionRequest, request: Request
     prompt, stops, max_tokens = _completion_arguments(engine, body)
     prompt_ids = engine.encode_prompt(prompt)
     sampling = Sampling(max_tokens, body.temperature, body.top_k or None, body.top_p, body.seed, body.n)
-    completion = Completion(engine, prompt, stops, body.n)
+    # the prompt's own tokens: an empty prompt counts none, though generation starts from a newline
+    completion = Completion(engine, len(prompt_ids) if prompt else 0, stops, body.n)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return await event_stream(_completion_events(engine, prompt_ids, sampling, completion, include_usage))
@@ -494,6 +510,7 @@ async def _completions(engine: Engine, body: CompletionRequest, request: Request
                 async for _ in steps:
                     if await request.is_disconnected():
                         break
+    completion.finish()
     return completion.body()
 
 
@@ -513,6 +530,7 @@ async def _completion_events(engine: Engine, prompt_ids: list[int], sampling: Sa
     if failure is not None:
         yield stream_failure(failure)
         return
+    completion.finish()
     if out := completion.stream_choices(final=True):
         yield sse({**completion.header, "choices": out})
     if include_usage:

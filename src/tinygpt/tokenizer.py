@@ -31,8 +31,9 @@ import numpy as np
 
 from tinygpt.errors import TinyGPTError, UnknownCharacterError
 
-__all__ = ["CharTokenizer", "BPETokenizer", "TextStream", "UnknownCharacterError", "tokenizer_from_dict",
-           "train_bpe", "check_bpe_vocab_size", "MAX_CODE_POINT", "MAX_VOCAB_SIZE", "BYTE_ALPHABET", "KINDS"]
+__all__ = ["CharTokenizer", "BPETokenizer", "Tokenizer", "TextStream", "UnknownCharacterError",
+           "tokenizer_from_dict", "train_bpe", "check_bpe_vocab_size", "MAX_CODE_POINT", "MAX_VOCAB_SIZE",
+           "BYTE_ALPHABET", "KINDS"]
 
 MAX_CODE_POINT = 0x110000
 MAX_VOCAB_SIZE = 65536  # ids must fit in uint16 token files
@@ -284,3 +285,6 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> BPETokenizer:
     bpe.train_from_iterator(texts, trainer)
     # a tokenizer read back from its JSON encodes faster than the trainer's own object
     return BPETokenizer(bpe.to_str())
+
+
+Tokenizer = CharTokenizer | BPETokenizer

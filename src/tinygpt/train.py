@@ -32,15 +32,15 @@ from tqdm.auto import tqdm
 
 from tinygpt import checkpoint, distributed, rundir, speed, training_state
 from tinygpt.config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
-from tinygpt.data import BatchSampler, load_meta, load_tokens
+from tinygpt.data import BatchSampler, load_tokenizer, load_tokens, split_sizes
 from tinygpt.distributed import Distributed
 from tinygpt.errors import CheckpointError, ConfigError, DataError, TinyGPTError, TrainingDiverged
 from tinygpt.evaluate import split_nats
 from tinygpt.hardware import Precision, configure_backends, cpu_has_native_bf16
-from tinygpt.metrics import append_row, evaluation_row, plot_losses
+from tinygpt.metrics import append_row, bits, evaluation_row, plot_losses
 from tinygpt.model import GPT
 from tinygpt.optim import build_optimizers, learning_rate_at, set_learning_rate
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import Tokenizer
 from tinygpt.training_state import TrainingState
 
 __all__ = ["train", "train_step", "TrainResult", "TrainingDiverged", "build_optimizers", "learning_rate_at",
@@ -62,6 +62,8 @@ class TrainResult:
     parameters: int
     precision: str
     rank: int = 0  # this process's rank under torchrun; only rank 0 reports
+    val_bits_per_char: float | None = None  # val_loss (nats per token) in bits per character and per byte
+    val_bits_per_byte: float | None = None
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Run:
     run_dir: Path
     model_config: ModelConfig
     config: TrainConfig
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     device: torch.device
     world: Distributed
     plan: speed.SpeedPlan
@@ -82,6 +84,8 @@ class Run:
     val_tokens: np.ndarray
     resumed: bool
     token_files: dict[Path, int] = dataclasses.field(default_factory=dict)  # memmapped file -> its size
+    # each split's (tokens, characters, bytes): a loss per token, as bits per character and per byte
+    text_sizes: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
 
     def check_token_files(self) -> None:
         """A token file that shrinks under its memmap would kill the process with SIGBUS at the
@@ -181,8 +185,11 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
                   file=sys.stderr)
         if world.enabled:
             dist.barrier()
+    val_bits = {} if val_loss is None else {
+        "val_bits_per_char": bits(val_loss, run.text_sizes["val"], "char"),
+        "val_bits_per_byte": bits(val_loss, run.text_sizes["val"], "byte")}
     return TrainResult(state.iteration, val_loss, state.best_val_loss, interrupted, state.model.num_parameters(),
-                       run.precision.name, world.rank)
+                       run.precision.name, world.rank, **val_bits)
 
 
 def train_step(step_model: torch.nn.Module, ddp_model: torch.nn.Module, state: TrainingState, config: TrainConfig,
@@ -223,14 +230,15 @@ def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar) -> float:
         state.best_val_loss = val_loss
     if world.is_main:
         tokens_seen = state.iteration * config.batch_size * run.model_config.block_size
+        row = evaluation_row(state.iteration, train_loss, val_loss, lr, tokens_seen, run.text_sizes)
         try:
-            append_row(run.metrics_path, evaluation_row(state.iteration, train_loss, val_loss, lr, tokens_seen))
-            plot_losses(run.metrics_path, run.run_dir / "loss.png")
+            append_row(run.metrics_path, row)
+            plot_losses(run.metrics_path, run.run_dir / "loss.png", run.text_sizes)
         except OSError as e:
             raise CheckpointError(f"could not write {str(e.filename or run.metrics_path)!r}: {e.strerror or e}; "
                                   f"the last checkpoint is intact, --resume continues from it") from None
         bar.write(f"iteration {state.iteration}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
-                  f"({val_loss / math.log(2):.3f} bits/char)")
+                  f"({row['val_bits_per_byte']:.3f} bits/byte, {row['val_bits_per_char']:.3f} bits/char)")
         record = _record_fields(run, val_loss, clock)
         if improved:
             checkpoint.save_checkpoint(run.run_dir, "best", record, {"model": checkpoint.model_tensors(state.model)})
@@ -295,7 +303,7 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
               device: torch.device, resume: bool, log, world: Distributed, start_over: bool = False) -> Run:
     """Check the configs against the data (and the run being resumed), decide the speed
     plan, build the model and optimizers, and restore the training state when resuming."""
-    tokenizer = CharTokenizer.from_dict(load_meta(data_dir)["tokenizer"])
+    tokenizer = load_tokenizer(data_dir)
     record = _resume_record(run_dir, resume, world, log)
     if record is not None:
         config = resumed_config(record, model_config, config, tokenizer, data_dir, run_dir)
@@ -313,7 +321,7 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     for split, tokens in (("train", train_tokens), ("val", val_tokens)):
         if len(tokens) <= model_config.block_size + 1:
             raise ConfigError(f"block_size {model_config.block_size} is larger than the {split} split "
-                              f"({len(tokens)} characters); use a smaller block_size or more data")
+                              f"({len(tokens)} tokens); use a smaller block_size or more data")
     if start_over and world.is_main:  # --overwrite: only now that data and configs are known good
         rundir.remove_run_files(run_dir)
     torch.manual_seed(config.seed)
@@ -332,7 +340,9 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
         step_model = torch.compile(ddp_model)
     run = Run(run_dir, model_config, config, tokenizer, device, world, plan, state, step_model, ddp_model,
               train_tokens, val_tokens, record is not None,
-              {data_dir / f"{split}.bin": (data_dir / f"{split}.bin").stat().st_size for split in ("train", "val")})
+              {data_dir / f"{split}.bin": (data_dir / f"{split}.bin").stat().st_size for split in ("train", "val")},
+              {split: (len(tokens), *split_sizes(data_dir, split, tokenizer, tokens))
+               for split, tokens in (("train", train_tokens), ("val", val_tokens))})
     if world.is_main:
         _write_run_files(run, record)
         _log_start(run, record, log)
@@ -354,7 +364,7 @@ def _resume_record(run_dir: Path, resume: bool, world: Distributed, log) -> dict
     return record
 
 
-def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig, tokenizer: CharTokenizer,
+def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig, tokenizer: Tokenizer,
                    data_dir: Path, run_dir: Path) -> TrainConfig:
     """The saved training config, with the changes a continuing run may make (RESUMABLE_KEYS,
     and the speed choices: a run moved to another machine may need float32, say, though it
@@ -368,6 +378,10 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
     if differences:
         raise ConfigError(f"--resume: the run in {run_dir} has a different model config ({differences})")
     if record["tokenizer"] != tokenizer.to_dict():
+        kind = (record["tokenizer"] or {}).get("type") if isinstance(record["tokenizer"], dict) else None
+        if kind != tokenizer.kind:
+            raise ConfigError(f"--resume: the data in {data_dir} is tokenized by {tokenizer.kind}, the run in "
+                              f"{run_dir} by {kind}; resume it on data prepared with --tokenizer {kind}")
         raise ConfigError(f"--resume: the data in {data_dir} has a different vocabulary than the run in {run_dir}")
     saved = train_config_from_dict(record["train_config"])
     changes = {}

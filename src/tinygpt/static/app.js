@@ -1,14 +1,18 @@
-// tinyGPT playground: streams characters from POST /api/generate, colours each by its
+// tinyGPT playground: streams tokens from POST /api/generate, colours each by its
 // probability, shows the alternatives the model weighed, and fetches attention weights
-// from POST /api/attention for the character you select. Plain JavaScript, no build step.
+// from POST /api/attention for the token you select. Plain JavaScript, no build step.
+// A character model's tokens are characters, and the page says "character"; a BPE
+// model's token is a run of bytes, which may end inside a character: its text ("char")
+// is then "" and the character appears with the token that completes it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  info: null,          // GET /api/info: model config and server limits
+  info: null,          // GET /api/info: model config, tokenizer kind and server limits
+  unit: "character",   // what a token is called: "character" (char tokenizer) or "token" (BPE)
   prompt: "",          // the prompt of the current output
-  steps: [],           // one {char, prob, top: [{char, prob}]} per generated character
+  steps: [],           // one {char, token, id, prob, top: [{char, id, prob}]} per generated token
   selected: -1,        // index into steps
   controller: null,    // AbortController of the running generation
   attention: new Map() // step index -> /api/attention response
@@ -24,11 +28,27 @@ function attentionColour(share) {
   return `hsl(24 95% ${(98 - 48 * share).toFixed(1)}%)`;
 }
 
-function visible(char) {
-  if (char === " ") return "␣";
-  if (char === "\n") return "↵";
-  if (char === "\t") return "⇥";
-  return char;
+// a token's text with its blanks made visible, and other control characters as \xNN
+function visible(text) {
+  return text.replace(/ /g, "␣").replace(/\n/g, "↵").replace(/\t/g, "⇥")
+    .replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
+function units(count) {
+  return `${count} ${state.unit}${count === 1 ? "" : "s"}`;
+}
+
+function capitalised(word) {
+  return word[0].toUpperCase() + word.slice(1);
+}
+
+// text into node, with a ↵ marker (drawn by CSS, so not part of the text) before each newline
+function appendText(node, text) {
+  text.split("\n").forEach((line, k) => {
+    if (k > 0) node.append(element("span", "nl"), "\n");
+    if (line) node.append(line);
+  });
+  return node;
 }
 
 function percent(p) {
@@ -59,8 +79,10 @@ async function errorMessage(response) {
 function alternativesList(step) {
   const list = element("ol", "alternatives");
   for (const alt of step.top) {
-    const item = element("li", alt.char === step.char ? "chosen" : "");
-    item.append(element("span", "char-name", visible(alt.char)));
+    const item = element("li", alt.id === step.id ? "chosen" : "");
+    const name = element("span", "char-name", visible(alt.char));
+    name.title = visible(alt.char);
+    item.append(name);
     const bar = element("span", "bar");
     bar.style.width = `${Math.max(1, 100 * alt.prob)}%`;
     item.append(bar, element("span", "", percent(alt.prob)));
@@ -79,10 +101,13 @@ async function loadInfo() {
   }
   const info = await response.json();
   state.info = info;
+  state.unit = info.tokenizer === "bpe" ? "token" : "character";
+  for (const node of document.querySelectorAll(".unit")) node.textContent = state.unit;
   const c = info.config;
+  const vocabulary = info.tokenizer === "bpe" ? `a byte-level BPE of ${c.vocab_size} tokens` : `${c.vocab_size} symbols`;
   $("model-info").textContent =
     `${info.model}: ${(info.parameters / 1e6).toFixed(2)} M parameters, ${c.n_layer} layers × ${c.n_head} heads, ` +
-    `context ${c.block_size} characters, ${c.vocab_size} symbols`;
+    `context ${units(c.block_size)}, ${vocabulary}`;
   $("length").max = info.limits.max_tokens;
   for (let layer = 0; layer < c.n_layer; layer++) $("layer").append(new Option(`${layer + 1}`, layer));
   $("head").append(new Option("all (mean)", "mean"));
@@ -113,7 +138,7 @@ function resetOutput(prompt) {
   state.attention.clear();
   const output = $("output");
   output.replaceChildren(element("span", "prompt", prompt));
-  $("details").replaceChildren(element("p", "hint", "No character selected yet."));
+  $("details").replaceChildren(element("p", "hint", `No ${state.unit} selected yet.`));
   $("heatmap").replaceChildren();
   hideTooltip();
 }
@@ -125,7 +150,8 @@ function appendSteps(steps) {
   for (const step of steps) {
     const index = state.steps.length;
     state.steps.push(step);
-    const span = element("span", step.char === "\n" ? "ch newline" : "ch", step.char);
+    // a token that ends inside a character adds no text yet: a small block still shows it
+    const span = appendText(element("span", step.char === "" ? "ch partial" : "ch"), step.char);
     span.dataset.index = index;
     span.dataset.prob = step.prob;
     span.style.backgroundColor = probabilityColour(step.prob);
@@ -158,7 +184,7 @@ async function generate(event) {
     }
     await readEvents(response);
   } catch (error) {
-    if (error.name === "AbortError") setStatus(`stopped after ${state.steps.length} characters`);
+    if (error.name === "AbortError") setStatus(`stopped after ${units(state.steps.length)}`);
     else setStatus(`connection failed: ${error.message}`, true);
   } finally {
     state.controller = null;
@@ -187,15 +213,15 @@ async function readEvents(response) {
       if (message.char !== undefined) pending.push(message);
       else if (message.error) setStatus(message.error.message, true);
       else if (message.finish_reason) {
-        const rate = message.seconds > 0 ? `, ${(message.tokens / message.seconds).toFixed(0)} chars/s` : "";
-        setStatus(`${message.tokens} characters${rate}`);
+        const rate = message.seconds > 0 ? `, ${(message.tokens / message.seconds).toFixed(0)} ${state.unit}s/s` : "";
+        setStatus(`${units(message.tokens)}${rate}`);
       }
     }
     if (pending.length) appendSteps(pending);
   }
 }
 
-// ---------------------------------------------------------------------------- inspecting a character
+// ---------------------------------------------------------------------------- inspecting a token
 
 function spanAt(index) {
   return $("output").querySelector(`.ch[data-index="${index}"]`);
@@ -212,8 +238,8 @@ function select(index, { tooltip = false } = {}) {
   const step = state.steps[index];
   const heading = element("p", "", "");
   heading.append(
-    `Character ${index + 1}: `,
-    element("strong", "char-name", visible(step.char)),
+    `${capitalised(state.unit)} ${index + 1}: `,
+    element("strong", "char-name", visible(step.token)),
     ` — the model gave it ${percent(step.prob)}. Its top ${step.top.length} candidates:`
   );
   $("details").replaceChildren(heading, alternativesList(step));
@@ -223,7 +249,7 @@ function select(index, { tooltip = false } = {}) {
 
 function showTooltip(span, step) {
   const tip = $("tooltip");
-  tip.replaceChildren(element("div", "", `${visible(step.char)}  ${percent(step.prob)}`), alternativesList(step));
+  tip.replaceChildren(element("div", "", `${visible(step.token)}  ${percent(step.prob)}`), alternativesList(step));
   tip.hidden = false;
   const box = span.getBoundingClientRect();
   const width = tip.offsetWidth;
@@ -277,14 +303,14 @@ async function loadAttention() {
   const index = state.selected;
   if (index < 0) return;
   if (!state.attention.has(index)) {
-    let context = state.prompt + state.steps.slice(0, index).map((s) => s.char).join("");
-    // an empty prompt starts from a newline on the server, so the first character was predicted from one
-    if (context === "") context = "\n";
+    // the prompt, then the tokens generated before this one as ids: their text, encoded
+    // again, could give other tokens (a BPE merges across them) than the model saw
+    const ids = state.steps.slice(0, index).map((s) => s.id);
     $("attention-caption").textContent = "loading attention…";
     const response = await fetch("/api/attention", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ text: context, query: -1 }),
+      body: JSON.stringify({ text: state.prompt, ids, query: -1 }),
     });
     if (!response.ok) {
       $("attention-caption").textContent = await errorMessage(response);
@@ -308,21 +334,21 @@ function drawHeatmap(index) {
   }
   const peak = Math.max(...row);
   const fragment = document.createDocumentFragment();
-  if (result.offset > 0) fragment.append(element("span", "hint", `…${result.offset} earlier characters out of view… `));
-  result.tokens.forEach((char, k) => {
-    const cell = element("span", char === "\n" ? "cell newline" : "cell", char);
+  if (result.offset > 0) fragment.append(element("span", "hint", `…${units(result.offset)} earlier, out of view… `));
+  result.tokens.forEach((token, k) => {
+    const cell = appendText(element("span", "cell"), token);
     cell.style.backgroundColor = attentionColour(peak > 0 ? row[k] / peak : 0);
     cell.dataset.weight = row[k];
-    cell.title = `${visible(char)}: ${percent(row[k])}`;
+    cell.title = `${visible(token)}: ${percent(row[k])}`;
     fragment.append(cell);
   });
   const step = state.steps[index];
-  fragment.append(element("span", "target", `→ ${visible(step.char)}`));
+  fragment.append(element("span", "target", `→ ${visible(step.token)}`));
   $("heatmap").replaceChildren(fragment);
   const headName = head === "mean" ? "all heads (mean)" : `head ${Number(head) + 1}`;
   $("attention-caption").textContent =
-    `Layer ${layer + 1}, ${headName}: where the last position looked when predicting character ${index + 1} ` +
-    `(“${visible(step.char)}”). Darker: more attention.`;
+    `Layer ${layer + 1}, ${headName}: where the last position looked when predicting ${state.unit} ${index + 1} ` +
+    `(“${visible(step.token)}”). Darker: more attention.`;
 }
 
 // ---------------------------------------------------------------------------- wiring
