@@ -571,8 +571,8 @@ def _safe_pieces(text: str, size: int, final: bool) -> tuple[list[str], str]:
 
 def _split_texts(path: Path, report: FileReport, reading: _Reading, bar: tqdm, train_limit: int | None = None):
     """The file's text as ("train" | "val", piece) pairs in order, cut at safe points, the
-    training part and the validation part as two texts; with `train_limit`, only about the
-    first train_limit characters of the training part (whole chunks: a sample)."""
+    training part and the validation part as two texts; with `train_limit`, only the first
+    train_limit characters of the training part (a sample)."""
     pending = {"train": "", "val": ""}
     train_left = report.train_characters if train_limit is None else min(train_limit, report.train_characters)
     for chunk in reading.chunks(path, reading.encoding_errors, bar):
