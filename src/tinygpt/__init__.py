@@ -1,4 +1,4 @@
-"""tinyGPT: train a small character-level GPT on your own text, then sample from it.
+"""tinyGPT: train a small GPT (characters or a byte-level BPE) on your own text, then sample from it.
 
     import tinygpt
     model, tokenizer = tinygpt.load("runs/demo")

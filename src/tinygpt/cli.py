@@ -212,6 +212,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tinygpt.export import export_run
+
+    result = export_run(args.run_dir, args.out, format=args.format, int8=args.int8, overwrite=args.overwrite)
+    what = f"Hugging Face {result.target}" if args.format == "hf" else "ONNX"
+    print(f"exported {args.run_dir} ({result.checkpoint}, iteration {result.iteration:,}) as {what} to "
+          f"{result.out_dir}: {', '.join(result.files)}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     for name, preset in PRESETS.items():
         m, t = preset.model, preset.train
@@ -276,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_sampling_commands(sub)
     _add_serving_and_measuring_commands(sub)
+    _add_export_command(sub)
     return parser
 
 
@@ -405,6 +416,21 @@ def _add_serving_and_measuring_commands(sub) -> None:
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
+
+
+def _add_export_command(sub) -> None:
+    p = sub.add_parser("export", help="write a run's model for another runtime: Hugging Face transformers or ONNX")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run (its best checkpoint, else its last)")
+    p.add_argument("--format", required=True, choices=("hf", "onnx"),
+                   help="hf: a folder transformers' AutoModelForCausalLM and AutoTokenizer load (gpt2, starcoder2 "
+                        "or arcee, whichever computes exactly this model); onnx: model.onnx (input_ids -> logits)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    p.add_argument("--int8", action="store_true",
+                   help="onnx: also write model.int8.onnx (onnxruntime's dynamic quantization: int8 weights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder, replacing the files this export writes (others stay); "
+                        "never into a tinyGPT run or data folder")
+    p.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ import torch
 from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
 from tinygpt.generate import generate_ids
 from tinygpt.model import GPT
-from tinygpt.tokenizer import BPETokenizer, CharTokenizer, UnknownCharacterError
+from tinygpt.tokenizer import Tokenizer, UnknownCharacterError
 
 BUSY_RETRY_AFTER = 1  # seconds a client refused at a full queue is told to wait
 OVERLOADED_RETRY_AFTER = 5  # seconds a client that timed out in the queue is told to wait
@@ -102,7 +102,7 @@ class Sampling:
 class Engine:
     """One model, one model thread, and the FIFO that admits requests to it."""
 
-    def __init__(self, model: GPT, tokenizer: CharTokenizer | BPETokenizer, model_id: str, limits: Limits,
+    def __init__(self, model: GPT, tokenizer: Tokenizer, model_id: str, limits: Limits,
                  threads: int | None = 1):
         self.model, self.tokenizer, self.model_id, self.limits = model, tokenizer, model_id, limits
         # Torch's CPU thread count is per calling thread. One is the default: a small model at

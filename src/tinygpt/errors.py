@@ -40,3 +40,7 @@ class ServerBusy(TinyGPTError):
 
 class ServerOverloaded(TinyGPTError):
     """A request waited too long for a free generation slot (HTTP 503)."""
+
+
+class ExportError(TinyGPTError):
+    """A run cannot be exported as asked: an option the target lacks, or a folder in the way."""

@@ -72,7 +72,7 @@ from tinygpt.engine import Engine, Limits, ModelFailed, PromptRejected, Sampling
 from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
 from tinygpt.hardware import resolve_device
 from tinygpt.model import GPT
-from tinygpt.tokenizer import BPETokenizer, CharTokenizer
+from tinygpt.tokenizer import Tokenizer
 
 __all__ = ["APIError", "Choice", "Engine", "Limits", "LOOPBACK_HOSTS", "create_app", "hosts_for_bind", "serve"]
 
@@ -422,7 +422,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(run_dir: str | Path, device: str = "auto", limits: Limits | None = None, threads: int | None = 1,
-               model: GPT | None = None, tokenizer: CharTokenizer | BPETokenizer | None = None,
+               model: GPT | None = None, tokenizer: Tokenizer | None = None,
                allowed_hosts: Iterable[str] | None = None, docs: bool = False) -> FastAPI:
     """The ASGI app serving the run in run_dir (or an already loaded model and tokenizer).
     threads: torch CPU threads for the model (None: torch's default). allowed_hosts: the
