@@ -324,3 +324,24 @@ def test_a_char_preparation_replaces_a_bpe_one_entirely(tmp_path):
     assert isinstance(load_tokenizer(tmp_path / "data"), CharTokenizer)
     assert np.array_equal(load_tokens(tmp_path / "data", "val"),
                           load_tokenizer(tmp_path / "data").encode_array(expected_split([CORPUS], 0.1)[1]))
+
+
+def test_chat_and_bench_work_on_a_bpe_run(bpe_run, monkeypatch, capsys):
+    import io
+
+    from tinygpt import load
+    from tinygpt.cli import main
+    from tinygpt.generate import generate_text
+
+    run = bpe_run / "run"
+    model, tokenizer = load(run)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Ωμέγα 😀\nThe king\n"))
+    assert main(["chat", str(run), "--max-new-tokens", "12", "--seed", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    # text a char vocabulary would refuse is continued; one seed per turn
+    assert generate_text(model, tokenizer, "Ωμέγα 😀", 12, temperature=0.8, seed=5) in out
+    assert generate_text(model, tokenizer, "The king", 12, temperature=0.8, seed=6) in out
+    assert main(["bench", str(run), "--device", "cpu", "--json", "--batch-size", "2", "--repeats", "1",
+                 "--new-tokens", "5", "--prepare-mb", "0.02", "--matmul-size", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["generation"]["new_tokens"] == 5 and result["training"]["tokens_per_second"] > 0
