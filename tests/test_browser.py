@@ -91,7 +91,7 @@ def test_shows_the_servers_error(page):
     assert "'Z'" in page.inner_text("#status")
 
 
-def test_a_bpe_model_streams_coloured_tokens_and_whole_characters(tmp_path):
+def test_a_bpe_model_streams_coloured_tokens_and_whole_characters(page, tmp_path):
     import torch
 
     from helpers import MIXED_TEXT
@@ -104,22 +104,21 @@ def test_a_bpe_model_streams_coloured_tokens_and_whole_characters(tmp_path):
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
                             dropout=0.0)).eval()
     app = create_app(tmp_path, device="cpu", model=model, tokenizer=tokenizer, limits=Limits(time_slice=0.002))
-    with live_server(app) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with live_server(app) as url:
+        bpe_page = page.context.browser.new_page(viewport={"width": 1200, "height": 900})  # playwright runs once
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(url)
-            page.wait_for_selector("#model-info:has-text('byte-level BPE of 300 tokens')")
-            page.fill("#prompt", "Ωμέγα 😀 ")  # no char vocabulary has these: a BPE encodes any text
-            page.fill("#length", "40")
-            page.click("#generate")
-            page.wait_for_selector("#generate:not([disabled])")
-            assert "40 tokens" in page.inner_text("#status")
-            assert page.eval_on_selector_all("#output .ch", "spans => spans.length") == 40  # a span per token
-            text = page.text_content("#output")
+            bpe_page.set_default_timeout(30_000)
+            bpe_page.goto(url)
+            bpe_page.wait_for_selector("#model-info:has-text('byte-level BPE of 300 tokens')")
+            bpe_page.fill("#prompt", "Ωμέγα 😀 ")  # no char vocabulary has these: a BPE encodes any text
+            bpe_page.fill("#length", "40")
+            bpe_page.click("#generate")
+            bpe_page.wait_for_selector("#generate:not([disabled])")
+            assert "40 tokens" in bpe_page.inner_text("#status")
+            assert bpe_page.eval_on_selector_all("#output .ch", "spans => spans.length") == 40  # a span per token
+            text = bpe_page.text_content("#output")
             assert text.startswith("Ωμέγα 😀 ")
             # the page's text is what the server's tokens decode to: whole characters, no stray surrogates
             assert text.encode("utf-16", "surrogatepass").decode("utf-16") == text
         finally:
-            browser.close()
+            bpe_page.close()
