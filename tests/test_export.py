@@ -294,11 +294,12 @@ def test_the_readme_lines_run_as_written(tmp_path, monkeypatch):
     commands = [line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()
                 if line.startswith("tinygpt export")]
     snippets = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(commands) == 2 and len(snippets) == 2
+    assert len(commands) == 3 and len(snippets) == 2
     model, tokenizer = make_run(tmp_path / "runs" / "demo", **cpu_preset_options())
     monkeypatch.chdir(tmp_path)
     for command in commands:
         assert cli.main(shlex.split(command.split("#")[0])[1:]) == 0
+    assert (tmp_path / "exported" / "gguf" / "model.gguf").read_bytes()[:4] == b"GGUF"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         for snippet in snippets:

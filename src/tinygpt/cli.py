@@ -51,9 +51,15 @@ def cmd_prepare(args) -> int:
 def _configs(args):
     """The preset's configs with the command line's changes. Resuming without --preset starts
     from the run's own configs instead; either way train refuses any change a continuing run
-    cannot make, naming the key."""
+    cannot make, naming the key. --init-from RUN (a new run) starts from RUN's model config and
+    the --preset's training config, else RUN's."""
     last = Path(args.out) / "last.json" if getattr(args, "resume", False) else None
-    if args.preset is None and last is not None and last.is_file():
+    if getattr(args, "init_from", None) and not (last is not None and last.is_file()):
+        from tinygpt.train import init_from_configs
+
+        preset_train = get_preset(args.preset)[1] if args.preset is not None else None
+        model_config, train_config = init_from_configs(Path(args.init_from), preset_train, args.set or [])
+    elif args.preset is None and last is not None and last.is_file():
         from tinygpt.checkpoint import read_record
         from tinygpt.config import model_config_from_dict, train_config_from_dict
         from tinygpt.training_state import check_resumable
@@ -83,7 +89,7 @@ def cmd_train(args) -> int:
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues a run and --overwrite starts it over: choose one")
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
-                   progress=not args.no_progress, overwrite=args.overwrite)
+                   progress=not args.no_progress, overwrite=args.overwrite, init_from=args.init_from)
     if result.val_loss is not None and result.rank == 0:
         print(f"done: {result.iterations} iterations; val loss {result.val_loss:.4f} nats/token "
               f"({result.val_bits_per_byte:.3f} bits/byte, {result.val_bits_per_char:.3f} bits/char, as logged); "
@@ -213,12 +219,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "gguf":
+        return _export_gguf(args)
     from tinygpt.export import export_run
 
     result = export_run(args.run_dir, args.out, format=args.format, int8=args.int8, overwrite=args.overwrite)
     what = f"Hugging Face {result.target}" if args.format == "hf" else "ONNX"
     print(f"exported {args.run_dir} ({result.checkpoint}, iteration {result.iteration:,}) as {what} to "
           f"{result.out_dir}: {', '.join(result.files)}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from tinygpt.gguf_export import export_gguf
+
+    if args.int8:
+        raise TinyGPTError("--int8 is for --format onnx")
+    out = Path(args.out)
+    path = export_gguf(args.run_dir, out if out.suffix == ".gguf" else out / "model.gguf", overwrite=args.overwrite)
+    print(f"exported {args.run_dir} as GGUF (for llama.cpp) to {path}")
     return 0
 
 
@@ -287,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_commands(sub)
     _add_serving_and_measuring_commands(sub)
     _add_export_command(sub)
+    _add_experiment_commands(sub)
     return parser
 
 
@@ -329,6 +349,10 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in RUN_DIR when it holds a run: deletes that run's checkpoints and metrics")
+    p.add_argument("--init-from", metavar="RUN",
+                   help="fine-tune: start from RUN's best (else last) weights and model config, with a fresh "
+                        "optimizer and schedule (training config: --preset's, else RUN's); the data must be "
+                        "tokenized as RUN's was")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -419,18 +443,73 @@ def _add_serving_and_measuring_commands(sub) -> None:
 
 
 def _add_export_command(sub) -> None:
-    p = sub.add_parser("export", help="write a run's model for another runtime: Hugging Face transformers or ONNX")
+    p = sub.add_parser("export", help="write a run's model for another runtime: Hugging Face transformers, "
+                                      "llama.cpp (GGUF) or ONNX")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run (its best checkpoint, else its last)")
-    p.add_argument("--format", required=True, choices=("hf", "onnx"),
+    p.add_argument("--format", required=True, choices=("hf", "gguf", "onnx"),
                    help="hf: a folder transformers' AutoModelForCausalLM and AutoTokenizer load (gpt2, starcoder2 "
-                        "or arcee, whichever computes exactly this model); onnx: model.onnx (input_ids -> logits)")
-    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+                        "or arcee, whichever computes exactly this model); gguf: one file llama.cpp loads "
+                        "(gpt2 or starcoder2); onnx: model.onnx (input_ids -> logits)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="a new or empty folder (gguf: the folder for model.gguf, or the path of a .gguf file)")
     p.add_argument("--int8", action="store_true",
                    help="onnx: also write model.int8.onnx (onnxruntime's dynamic quantization: int8 weights)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder, replacing the files this export writes (others stay); "
                         "never into a tinyGPT run or data folder")
     p.set_defaults(func=cmd_export)
+
+
+def cmd_compare(args) -> int:
+    from tinygpt.experiments import compare_runs
+
+    comparison = compare_runs(args.runs, out=args.out, x=args.x)
+    for line in comparison.warnings:
+        print(line, file=sys.stderr)
+    if args.json:
+        print(json.dumps(comparison.as_dict()))
+    else:
+        print(comparison.table())
+        print(f"curves: {comparison.png} (bits per byte against {args.x})")
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from tinygpt.experiments import check_lr_find_args, lr_find
+
+    check_lr_find_args(args.steps, args.min_lr, args.max_lr)  # before torch loads
+    model_config, train_config = get_preset(args.preset)
+    apply_overrides(model_config, train_config, args.set or [])
+    result = lr_find(args.data, model_config, train_config, steps=args.steps, min_lr=args.min_lr,
+                     max_lr=args.max_lr, out=args.out, device=args.device, progress=not args.no_progress)
+    end = (f"stopped after {len(result.learning_rates)} steps: the smoothed loss passed 4x its minimum"
+           if result.stopped_early else f"all {len(result.learning_rates)} steps")
+    print(f"range test: learning rate {result.learning_rates[0]:.2e} to {result.learning_rates[-1]:.2e}, {end}; "
+          f"plot: {result.png}")
+    print(f"suggested learning_rate: {result.suggested_lr:.2e} (rule: {result.rule})")
+    return 0
+
+
+def _add_experiment_commands(sub) -> None:
+    p = sub.add_parser("compare", help="overlay runs' loss curves; table of the config keys that differ and scores")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default="compare.png", help="the plot (default compare.png; a PNG there is replaced)")
+    p.add_argument("--x", default="iterations", metavar="{iterations,tokens,seconds}",
+                   help="the plot's x axis (default iterations)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test on a fresh model; suggests a learning rate")
+    p.add_argument("--data", required=True, metavar="DATA_DIR")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="the model and training config (default cpu)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, as in train")
+    p.add_argument("--steps", type=int, default=200, help="training steps, at most (default 200)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="the first step's learning rate (default 1e-6)")
+    p.add_argument("--max-lr", type=float, default=1.0, help="the last step's learning rate (default 1)")
+    p.add_argument("--out", default="lr_find.png", help="the plot (default lr_find.png); never inside a run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_lr_find)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,14 @@ def plot_losses(metrics_path: Path, png_path: Path, text_sizes: dict[str, tuple[
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    try:
+        save_png(fig, png_path)
+    finally:
+        plt.close(fig)
+
+
+def save_png(fig, png_path: Path) -> None:
+    """A matplotlib figure as a PNG, atomically: a temporary file renamed over `png_path`."""
     fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
     try:
         with open(fd, "wb") as f:
@@ -74,5 +82,3 @@ def plot_losses(metrics_path: Path, png_path: Path, text_sizes: dict[str, tuple[
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        plt.close(fig)

@@ -86,6 +86,7 @@ class Run:
     token_files: dict[Path, int] = dataclasses.field(default_factory=dict)  # memmapped file -> its size
     # each split's (tokens, characters, bytes): a loss per token, as bits per character and per byte
     text_sizes: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    init_from: dict | None = None  # the run whose weights this one started from (fine-tuning)
 
     def check_token_files(self) -> None:
         """A token file that shrinks under its memmap would kill the process with SIGBUS at the
@@ -111,15 +112,16 @@ class Run:
 
 def train(data_dir: str | Path, run_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig,
           device: str = "auto", resume: bool = False, progress: bool = True, log=print,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, init_from: str | Path | None = None) -> TrainResult:
     """Train a GPT on a prepared data directory, writing checkpoints and metrics to run_dir
-    (new, empty, or a run: continued with resume, started over with overwrite)."""
+    (new, empty, or a run: continued with resume, started over with overwrite). init_from: a
+    new run starts from that run's best (else last) weights, with a fresh optimizer and schedule."""
     world, device_ = distributed.setup(device)
     lock = None
     try:
         lock, start_over = _claim_run_dir(Path(run_dir), resume, overwrite, world, device_)
         run = start_run(Path(data_dir), Path(run_dir), model_config, train_config, device_, resume, log, world,
-                        start_over)
+                        start_over, None if init_from is None else Path(init_from))
         with _stop_requests() as stop:
             return _loop(run, stop, progress)
     except (RuntimeError, dist.DistError) as e:
@@ -300,13 +302,20 @@ def validation_loss(run: Run, seed: int) -> float:
 
 
 def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: TrainConfig,
-              device: torch.device, resume: bool, log, world: Distributed, start_over: bool = False) -> Run:
-    """Check the configs against the data (and the run being resumed), decide the speed
-    plan, build the model and optimizers, and restore the training state when resuming."""
+              device: torch.device, resume: bool, log, world: Distributed, start_over: bool = False,
+              init_from: Path | None = None) -> Run:
+    """Check the configs against the data (and the run being resumed, or fine-tuned from),
+    decide the speed plan, build the model and optimizers, and restore the training state
+    when resuming (or load the weights of the run it starts from)."""
     tokenizer = load_tokenizer(data_dir)
     record = _resume_record(run_dir, resume, world, log)
+    source = None
     if record is not None:
         config = resumed_config(record, model_config, config, tokenizer, data_dir, run_dir)
+    elif init_from is not None:
+        if init_from.resolve() == run_dir.resolve():
+            raise ConfigError("--init-from and --out are the same run; fine-tune into a new --out")
+        source = init_source(init_from, model_config, tokenizer, data_dir)
     if not distributed.same_on_all_ranks(-1 if record is None else record["iteration"], world, device):
         raise ConfigError(f"the processes of this job found different checkpoints in {run_dir}; "
                           f"on several nodes the run directory must be on a filesystem they all share")
@@ -330,11 +339,16 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     configure_backends(device)
     plan = _speed_plan(config, model_config, device, record, world)
     config = plan.resolved(config)
-    model = speed.apply(GPT(model_config).to(device), plan)
+    model = GPT(model_config)
+    if source is not None:
+        checkpoint.load_weights(model, checkpoint.load_tensors(init_from, source, "model"))
+    model = speed.apply(model.to(device), plan)
     sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world.rank, world.world_size)
     state = TrainingState(model, build_optimizers(model, config, device), sampler)
     if record is not None:
         training_state.restore(run_dir, record, state, device)
+    origin = record.get("init_from") if record is not None else None if source is None else {
+        "run": str(init_from.resolve()), "checkpoint": source["name"], "iteration": source["iteration"]}
     step_model = ddp_model = distributed.wrap(model, world, device)
     if config.compile:
         step_model = torch.compile(ddp_model)
@@ -342,11 +356,65 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
               train_tokens, val_tokens, record is not None,
               {data_dir / f"{split}.bin": (data_dir / f"{split}.bin").stat().st_size for split in ("train", "val")},
               {split: (len(tokens), *split_sizes(data_dir, split, tokenizer, tokens))
-               for split, tokens in (("train", train_tokens), ("val", val_tokens))})
+               for split, tokens in (("train", train_tokens), ("val", val_tokens))},
+              origin)
     if world.is_main:
         _write_run_files(run, record)
         _log_start(run, record, log)
     return run
+
+
+def init_from_configs(source_dir: Path, train_config: TrainConfig | None,
+                      overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a run that starts from `source_dir`'s weights: its model config (a
+    `--set` of a model key is refused, naming it); `train_config` (a preset's), else the
+    run's own training config with its speed choices decided afresh. The caller applies
+    `overrides` (training keys) to them."""
+    if not source_dir.is_dir() or not rundir.holds_run(source_dir):
+        raise ConfigError(f"--init-from {str(source_dir)!r} is not a tinyGPT run")
+    model_keys = {f.name for f in fields(ModelConfig)}
+    for pair in overrides:
+        key = pair.partition("=")[0].strip()
+        if key in model_keys:
+            raise ConfigError(f"--init-from: the model config comes from {source_dir}; --set {key} cannot "
+                              f"change it (training keys can)")
+    record = checkpoint.read_record(source_dir, checkpoint.best_or_last(source_dir))
+    model_config = model_config_from_dict(record["model_config"])
+    if train_config is None:
+        saved = record.get("train_config")
+        train_config = TrainConfig() if saved is None else dataclasses.replace(
+            train_config_from_dict(saved), **dict.fromkeys(speed.SPEED_KEYS, "auto"))
+    return model_config, train_config
+
+
+def init_source(source_dir: Path, model_config: ModelConfig, tokenizer: Tokenizer, data_dir: Path) -> dict:
+    """The record of the best (else last) checkpoint of the run a new run starts from, once
+    its model config is the one asked for and the data is tokenized exactly as it was."""
+    if not source_dir.is_dir() or not rundir.holds_run(source_dir):
+        raise ConfigError(f"--init-from {str(source_dir)!r} is not a tinyGPT run")
+    source = checkpoint.read_record(source_dir, checkpoint.best_or_last(source_dir))
+    checkpoint.build_model(source, allocate=False)  # the record fits its weights file: nothing huge
+    saved = model_config_from_dict(source["model_config"])
+    for f in fields(ModelConfig):
+        if f.name != "vocab_size" and getattr(model_config, f.name) != getattr(saved, f.name):
+            raise ConfigError(f"--init-from: the model config comes from {source_dir}; {f.name} cannot change "
+                              f"(the run has {getattr(saved, f.name)!r}, asked {getattr(model_config, f.name)!r})")
+    theirs = source["tokenizer"]
+    if theirs != tokenizer.to_dict():
+        kind = theirs.get("type")
+        if kind != tokenizer.kind:
+            raise ConfigError(f"--init-from: the data in {data_dir} is tokenized by {tokenizer.kind}, the run in "
+                              f"{source_dir} by {kind}; the tokenizers must be the same")
+        if kind != "char":
+            raise ConfigError(f"--init-from: the data in {data_dir} has a different tokenizer.json than the run in "
+                              f"{source_dir}; the tokenizers must be the same")
+        known = set(theirs.get("chars", []))
+        missing = "".join(sorted(c for c in tokenizer.to_dict()["chars"] if c not in known))
+        raise ConfigError(f"--init-from: the data in {data_dir} " + (
+            f"has characters the run in {source_dir} does not know: {missing!r}" if missing else
+            f"numbers its characters differently than the run in {source_dir}") +
+            "; the data's vocabulary must be exactly the run's")
+    return source
 
 
 def _resume_record(run_dir: Path, resume: bool, world: Distributed, log) -> dict | None:
@@ -430,7 +498,8 @@ def _write_run_files(run: Run, record: dict | None) -> None:
     written again)."""
     checkpoint.atomic_write_bytes(run.run_dir / "config.json", json.dumps(
         {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
-         "train": dataclasses.asdict(run.config)}, indent=1).encode())
+         "train": dataclasses.asdict(run.config),
+         **({"init_from": run.init_from} if run.init_from else {})}, indent=1).encode())
     run.tokenizer.save(run.run_dir / "tokenizer.json")
     metrics_path = run.metrics_path
     if record is not None:
@@ -455,6 +524,9 @@ def _log_start(run: Run, record: dict | None, log) -> None:
     for line in run.plan.describe():
         log(f"  {line}")
     if record is None:
+        if run.init_from:
+            log(f"starting from the weights of {run.init_from['run']} ({run.init_from['checkpoint']} checkpoint, "
+                f"iteration {run.init_from['iteration']}) with a fresh optimizer and schedule")
         return
     saved_world = record.get("world_size", 1)
     log(f"resuming from iteration {run.state.iteration}" + (
@@ -480,6 +552,7 @@ def _record_fields(run: Run, val_loss: float | None, clock: _Clock) -> dict:
         "world_size": run.world.world_size,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "elapsed": clock.elapsed(),
+        **({"init_from": run.init_from} if run.init_from else {}),
     }
 
 
