@@ -345,3 +345,20 @@ def test_chat_and_bench_work_on_a_bpe_run(bpe_run, monkeypatch, capsys):
                  "--new-tokens", "5", "--prepare-mb", "0.02", "--matmul-size", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["generation"]["new_tokens"] == 5 and result["training"]["tokens_per_second"] > 0
+
+
+def test_a_char_preparation_keeps_a_tokenizer_json_that_is_not_prepares(tmp_path):
+    write_text(tmp_path / "corpus" / "a.txt", CORPUS)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tokenizer.json").write_text("mine")  # e.g. an exported model's folder
+    prepare([str(tmp_path / "corpus")], tmp_path / "data", overwrite=True)
+    assert (tmp_path / "data" / "tokenizer.json").read_text() == "mine"
+
+
+def test_a_sample_size_that_is_not_a_number_is_one_line(tmp_path):
+    write_text(tmp_path / "corpus" / "a.txt", CORPUS)
+    for value in ("nan", "inf", "0"):
+        line = assert_one_line_error(run_cli("prepare", tmp_path / "corpus", "--out", tmp_path / "d", "--tokenizer",
+                                             "bpe", "--vocab-size", 300, "--bpe-sample-mb", value))
+        assert "--bpe-sample-mb must be a positive number" in line
+    assert not (tmp_path / "d").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import MIXED_TEXT, assert_ok, run_cli, words_text, write_text
+from helpers import MIXED_TEXT, assert_ok, assert_one_line_error, run_cli, words_text, write_text
 from tinygpt.checkpoint import load_model
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig, TrainConfig
@@ -79,7 +79,10 @@ def test_compare_lists_only_the_differing_keys_and_writes_a_png(workspace, tmp_p
     assert a["tokens_per_second"] > 0 and a["wall_time_seconds"] > 0
     assert png.read_bytes().startswith(PNG_SIGNATURE)
 
-    table = assert_ok(run_cli("compare", workspace / "a", workspace / "b", "--out", png, "--x", "seconds")).stdout
+    line = assert_one_line_error(run_cli("compare", workspace / "a", workspace / "b", "--out", png))
+    assert "exists; pass --overwrite" in line  # a plot already there is the user's until they say so
+    table = assert_ok(run_cli("compare", workspace / "a", workspace / "b", "--out", png, "--x", "seconds",
+                              "--overwrite")).stdout
     header = table.splitlines()[0].split()
     assert header[:3] == ["run", "n_embd", "learning_rate"] and "n_layer" not in header
     assert "best val bits/char" in table.splitlines()[0]

@@ -269,3 +269,17 @@ def test_a_prompt_outside_a_character_vocabulary_is_refused_but_a_bpe_takes_it(r
     accepted = random_client.post("/v1/completions", json=body)
     assert accepted.status_code == 200 and accepted.json()["usage"]["completion_tokens"] == 4
     assert random_client.post("/api/attention", json={"text": PROMPT}).status_code == 200
+
+
+def test_a_stop_inside_a_token_of_several_characters_is_found_and_cut_at_its_start():
+    from tinygpt.serve import Choice
+
+    cases = [(["ab", "\nxyz"], ["\n"], "ab"), (["xx END of it"], ["END"], "xx "), (["xa", "bcd"], ["ab"], "x"),
+             (["one", "\n\n"], ["\n"], "one"), (["abc"], ["zz"], "abc")]
+    for pieces, stops, expected in cases:
+        choice = Choice(stops)
+        for piece in pieces:
+            if choice.finish_reason is None:
+                choice.add(piece)
+        assert choice.text == expected, (pieces, stops)
+        assert choice.finish_reason == ("stop" if expected != "abc" else None)

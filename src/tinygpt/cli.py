@@ -32,6 +32,8 @@ def cmd_prepare(args) -> int:
 
     if args.bpe_sample_mb is not None and args.tokenizer != "bpe":
         raise TinyGPTError("--bpe-sample-mb is for --tokenizer bpe")
+    if args.bpe_sample_mb is not None and not 0 < args.bpe_sample_mb < 1e12:
+        raise TinyGPTError(f"--bpe-sample-mb must be a positive number of megabytes, got {args.bpe_sample_mb}")
     sample_mb = args.bpe_sample_mb if args.bpe_sample_mb is not None else BPE_DEFAULT_SAMPLE_BYTES / 1e6
     report = prepare(args.inputs, args.out, val_fraction=args.val_fraction, glob=args.glob,
                      encoding_errors=args.encoding_errors, progress=None if not args.no_progress else False,
@@ -299,7 +301,8 @@ def cmd_chat(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tinygpt", description="Train, evaluate and sample small character-level GPTs.")
+    parser = _Parser(prog="tinygpt",
+                     description="Train, evaluate and sample small GPTs (characters or a byte-level BPE).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     _add_training_commands(sub)
@@ -318,7 +321,7 @@ def _add_training_commands(sub) -> None:
                    help="a new or empty folder, or an earlier prepare's output (its files are replaced)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder that holds no tinyGPT data, replacing any meta.json, "
-                        "train.bin and val.bin there (other files stay)")
+                        "train.bin and val.bin there (and tokenizer.json with --tokenizer bpe; other files stay)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each file held out (default 0.1)")
     p.add_argument("--glob", default="*.txt", help="file pattern inside directories (default *.txt)")
     p.add_argument("--encoding-errors", choices=("strict", "replace", "skip"), default="strict",
@@ -463,7 +466,7 @@ def _add_export_command(sub) -> None:
 def cmd_compare(args) -> int:
     from tinygpt.experiments import compare_runs
 
-    comparison = compare_runs(args.runs, out=args.out, x=args.x)
+    comparison = compare_runs(args.runs, out=args.out, x=args.x, overwrite=args.overwrite)
     for line in comparison.warnings:
         print(line, file=sys.stderr)
     if args.json:
@@ -481,7 +484,8 @@ def cmd_lr_find(args) -> int:
     model_config, train_config = get_preset(args.preset)
     apply_overrides(model_config, train_config, args.set or [])
     result = lr_find(args.data, model_config, train_config, steps=args.steps, min_lr=args.min_lr,
-                     max_lr=args.max_lr, out=args.out, device=args.device, progress=not args.no_progress)
+                     max_lr=args.max_lr, out=args.out, device=args.device, progress=not args.no_progress,
+                     overwrite=args.overwrite)
     end = (f"stopped after {len(result.learning_rates)} steps: the smoothed loss passed 4x its minimum"
            if result.stopped_early else f"all {len(result.learning_rates)} steps")
     print(f"range test: learning rate {result.learning_rates[0]:.2e} to {result.learning_rates[-1]:.2e}, {end}; "
@@ -493,7 +497,8 @@ def cmd_lr_find(args) -> int:
 def _add_experiment_commands(sub) -> None:
     p = sub.add_parser("compare", help="overlay runs' loss curves; table of the config keys that differ and scores")
     p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--out", default="compare.png", help="the plot (default compare.png; a PNG there is replaced)")
+    p.add_argument("--out", default="compare.png", help="the plot (default compare.png); never inside a run")
+    p.add_argument("--overwrite", action="store_true", help="replace a PNG already at --out")
     p.add_argument("--x", default="iterations", metavar="{iterations,tokens,seconds}",
                    help="the plot's x axis (default iterations)")
     p.add_argument("--json", action="store_true")
@@ -507,6 +512,7 @@ def _add_experiment_commands(sub) -> None:
     p.add_argument("--min-lr", type=float, default=1e-6, help="the first step's learning rate (default 1e-6)")
     p.add_argument("--max-lr", type=float, default=1.0, help="the last step's learning rate (default 1)")
     p.add_argument("--out", default="lr_find.png", help="the plot (default lr_find.png); never inside a run")
+    p.add_argument("--overwrite", action="store_true", help="replace a PNG already at --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lr_find)

@@ -133,7 +133,7 @@ def check_out_dir(out: Path, overwrite: bool = False) -> None:
         raise DataError(
             f"--out {printable_path(out)} is not empty and holds no earlier tinyGPT data (no tinygpt-data meta.json); "
             "choose a new or empty folder, or pass --overwrite to write meta.json, train.bin and val.bin "
-            "into it anyway")
+            "(and tokenizer.json for --tokenizer bpe) into it anyway")
 
 
 def find_input_files(inputs: list[str], glob: str = "*.txt", out_dir: str | Path | None = None) -> list[Path]:
@@ -428,16 +428,29 @@ def _commit(out: Path, temporaries: dict[str, Path]) -> None:
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if "tokenizer.json" not in temporaries:  # a char preparation replacing a BPE one
-            (out / "tokenizer.json").unlink(missing_ok=True)
+        # a char preparation replacing a BPE one: the BPE's tokenizer.json (never anyone else's) goes,
+        # once the new meta.json, which no longer names it, is in place
+        stale_tokenizer = "tokenizer.json" not in temporaries and _names_bpe_tokenizer(out)
         for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):
             if name in temporaries:
                 os.replace(temporaries[name], out / name)
                 del temporaries[name]
+        if stale_tokenizer:
+            (out / "tokenizer.json").unlink(missing_ok=True)
         _remove_dead_temporaries(out)
         os.fsync(fd)  # the renames reach the disk too
     finally:
         os.close(fd)  # and the lock goes with it
+
+
+def _names_bpe_tokenizer(out: Path) -> bool:
+    """Whether the data directory's meta.json says its tokenizer.json is a BPE prepare wrote."""
+    try:
+        with open(out / "meta.json", encoding="utf-8") as f:
+            meta = json.load(f)
+        return meta.get("format") == "tinygpt-data" and meta["tokenizer"]["type"] == "bpe"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _count_pass(files: list[Path], reports: list[FileReport], reading: _Reading, bar: tqdm) -> np.ndarray:

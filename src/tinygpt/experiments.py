@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,14 +118,15 @@ class Comparison:
                          for line in lines)
 
 
-def compare_runs(run_dirs: list[str | Path], out: str | Path = "compare.png", x: str = "iterations") -> Comparison:
+def compare_runs(run_dirs: list[str | Path], out: str | Path = "compare.png", x: str = "iterations",
+                 overwrite: bool = False) -> Comparison:
     """Summarize the runs, find the config keys that differ, and plot every run's curves."""
     if x not in X_AXES:
         raise ConfigError(f"--x must be one of {', '.join(X_AXES)}; got {x!r}")
     if not run_dirs:
         raise ConfigError("compare needs at least one RUN")
     out = Path(out)
-    check_png_target(out)
+    check_png_target(out, overwrite)
     runs = [summarize_run(r) for r in run_dirs]
     keys = list(dict.fromkeys(k for s in runs for k in (*s.model_config, *s.train_config)))
     differing = {}
@@ -146,8 +148,9 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path = "compare.png", x:
     return Comparison(runs, differing, unit, warnings, out)
 
 
-def check_png_target(out: Path) -> None:
-    """A plot goes to a new file or replaces a PNG, never anything else, never into a run."""
+def check_png_target(out: Path, overwrite: bool = False) -> None:
+    """A plot goes to a new file, or replaces a PNG when asked (overwrite), never anything else,
+    never into a run."""
     if out.parent.is_dir() and holds_run(out.parent):
         raise ConfigError(f"--out {str(out)!r} is inside a tinyGPT run; write the plot somewhere else")
     if out.exists():
@@ -158,6 +161,8 @@ def check_png_target(out: Path) -> None:
             is_png = False
         if not is_png:
             raise ConfigError(f"--out {str(out)!r} exists and is not a PNG; nothing was overwritten")
+        if not overwrite:
+            raise ConfigError(f"--out {str(out)!r} exists; pass --overwrite to replace it, or choose another --out")
 
 
 def _x_values(summary: RunSummary, x: str) -> list[float]:
@@ -187,6 +192,9 @@ def plot_comparison(runs: list[RunSummary], out: Path, x: str) -> None:
         for split, style in (("val", "-"), ("train", "--")):  # rows of older runs may lack a score
             points = [(x_, r[f"{split}_bits_per_byte"]) for x_, r in zip(xs, summary.rows, strict=True)
                       if f"{split}_bits_per_byte" in r]
+            if split == "val" and not points and summary.rows:
+                print(f"warning: {summary.run_dir}'s metrics predate bits per byte: it has no curve in the plot",
+                      file=sys.stderr)
             if points:
                 ax.plot(*zip(*points, strict=True), color=colour, linestyle=style, alpha=1 if split == "val" else 0.7,
                         label=f"{summary.run_dir} {split}")
@@ -226,7 +234,7 @@ def check_lr_find_args(steps: int, min_lr: float, max_lr: float) -> None:
 
 def lr_find(data_dir: str | Path, model_config: ModelConfig, train_config: TrainConfig, steps: int = 200,
             min_lr: float = 1e-6, max_lr: float = 1.0, out: str | Path = "lr_find.png", device: str = "auto",
-            log=print, progress: bool = True) -> LRFindResult:
+            log=print, progress: bool = True, overwrite: bool = False) -> LRFindResult:
     """The learning-rate range test, from a fresh model: step i trains at
     min_lr * (max_lr / min_lr) ** (i / (steps - 1)); it stops early once the smoothed loss
     exceeds DIVERGED times its minimum. Writes only the PNG at `out`."""
@@ -245,7 +253,7 @@ def lr_find(data_dir: str | Path, model_config: ModelConfig, train_config: Train
 
     check_lr_find_args(steps, min_lr, max_lr)
     out = Path(out)
-    check_png_target(out)
+    check_png_target(out, overwrite)
     device_ = resolve_device(device)
     model_config = dataclasses.replace(model_config, vocab_size=load_tokenizer(data_dir).vocab_size)
     model_config.validate()

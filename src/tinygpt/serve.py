@@ -175,9 +175,12 @@ class Choice:
 
     def add(self, text: str, tokens: int = 1) -> None:
         """Append the text that `tokens` more generated tokens completed."""
+        before = len(self.text)
         self.text += text
         self.tokens += tokens
-        cuts = [i for stop in self.stops if (i := self.text.find(stop, max(0, len(self.text) - len(stop)))) >= 0]
+        # the text before had no stop in it: a stop found now ends inside the new piece (a BPE
+        # token may bring several characters, a stop among them)
+        cuts = [i for stop in self.stops if (i := self.text.find(stop, max(0, before - len(stop) + 1))) >= 0]
         if cuts:
             self.text = self.text[:min(cuts)]
             self.finish_reason = "stop"
