@@ -101,3 +101,27 @@ def train_tiny(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int
     train_config.max_iters = max_iters
     return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume,
                  progress=False, log=lambda *args: None)
+
+
+def random_run(run_dir: Path, tokenizer, sizes: dict, seed: int = 0, **options):
+    """A run (a `best` checkpoint) of a random model whose every weight, norms and biases
+    included, is far from its init, so a norm weight or bias put in the wrong place by an
+    export cannot go unnoticed. Returns the model."""
+    import dataclasses
+
+    import torch
+
+    from tinygpt.checkpoint import model_tensors, save_checkpoint
+    from tinygpt.config import ModelConfig
+    from tinygpt.model import GPT
+
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**sizes, **options, "vocab_size": tokenizer.vocab_size})
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"iteration": 7, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
+    save_checkpoint(run_dir, "best", record, {"model": model_tensors(model)})
+    return model

@@ -1,8 +1,9 @@
-"""Shared by the serving tests: a tiny trained run (built once per session) and a live
-uvicorn server on a free loopback port, running in a thread."""
+"""Shared by the serving tests: a tiny trained run (built once per session), a live
+uvicorn server on a free loopback port, running in a thread, and the events of a stream."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -72,3 +73,14 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def events(response) -> list:
+    """The data of each server-sent event; [DONE] as the string."""
+    out = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import MIXED_TEXT, assert_one_line_error, run_cli, words_text
+from helpers import MIXED_TEXT, assert_one_line_error, random_run, run_cli, words_text
 from tinygpt import cli
-from tinygpt.checkpoint import model_tensors, save_checkpoint
-from tinygpt.config import ModelConfig, get_preset
+from tinygpt.config import get_preset
 from tinygpt.errors import ExportError, UnknownCharacterError
 from tinygpt.export import export_run
 from tinygpt.generate import generate_text
@@ -42,19 +41,9 @@ def cpu_preset_options() -> dict:
 
 
 def make_run(run_dir: Path, tokenizer=None, **options) -> tuple[GPT, object]:
-    """A run of a random model whose every weight, norms and biases included, is far from its
-    init (so a norm weight or bias put in the wrong place cannot go unnoticed)."""
+    """helpers.random_run with this file's sizes, a character vocabulary unless told."""
     tokenizer = tokenizer or CharTokenizer(CHARS)
-    torch.manual_seed(0)
-    config = ModelConfig(**{**SIZES, **options, "vocab_size": tokenizer.vocab_size})
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"iteration": 7, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
-    save_checkpoint(run_dir, "best", record, {"model": model_tensors(model)})
-    return model, tokenizer
+    return random_run(run_dir, tokenizer, SIZES, seed=0, **options), tokenizer
 
 
 def logits(model: GPT, ids: list[int]) -> torch.Tensor:

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import words_text
-from tinygpt.checkpoint import model_tensors, save_checkpoint
-from tinygpt.config import ModelConfig, get_preset
+from helpers import random_run, words_text
+from tinygpt.config import get_preset
 from tinygpt.errors import CheckpointError, ExportError, TinyGPTError
 from tinygpt.generate import generate_ids
 from tinygpt.gguf_export import export_gguf, rwkv_escape
@@ -51,18 +50,8 @@ def bpe():
 
 
 def make_run(run_dir: Path, tokenizer, seed: int = 2, **options) -> GPT:
-    """A run of a random model whose every weight, norms and biases included, is far from its
-    init (a norm or bias put in the wrong place cannot go unnoticed)."""
-    torch.manual_seed(seed)
-    config = ModelConfig(**{**SIZES, **options, "vocab_size": tokenizer.vocab_size})
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"iteration": 7, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer.to_dict()}
-    save_checkpoint(run_dir, "best", record, {"model": model_tensors(model)})
-    return model
+    """helpers.random_run with this file's sizes."""
+    return random_run(run_dir, tokenizer, SIZES, seed=seed, **options)
 
 
 def fields(reader) -> dict:

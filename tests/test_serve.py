@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import live_server, trained_run
+from serve_helpers import events, live_server, trained_run
 from tinygpt.cli import main
 from tinygpt.engine import Engine, Limits, PromptRejected
 from tinygpt.errors import ServerBusy, ServerOverloaded
@@ -52,17 +52,6 @@ def reference(app, prompt: str, max_new_tokens: int, **options) -> str:
     text = engine.executor.submit(generate_text, engine.model, engine.tokenizer, prompt, max_new_tokens,
                                   **options).result()
     return text[len(prompt):]
-
-
-def events(response) -> list:
-    """The data of each server-sent event; [DONE] as the string."""
-    out = []
-    for block in response.text.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            data = block[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def test_health_and_models_name_the_run(client):

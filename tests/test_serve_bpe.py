@@ -4,12 +4,11 @@ half a character. Tiny untrained models, in process (fastapi's TestClient)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import serve_helpers
 from helpers import MIXED_TEXT
 from tinygpt.config import ModelConfig
 from tinygpt.engine import Limits
@@ -80,15 +79,9 @@ def scripted_client(bpe):
 
 
 def events(response) -> list:
-    """The data of each server-sent event; [DONE] as the string."""
+    """serve_helpers.events of a stream that must have been admitted (200)."""
     assert response.status_code == 200, response.text
-    out = []
-    for block in response.text.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            data = block[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    return serve_helpers.events(response)
 
 
 def streamed_texts(response, n: int) -> tuple[list[list[str]], list]:

@@ -4,7 +4,6 @@ requests must name an allowed host (DNS rebinding); the API's docs are off unles
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import trained_run
+from serve_helpers import events, trained_run
 from tinygpt import load
 from tinygpt.cli import main
 from tinygpt.engine import Limits
@@ -35,13 +34,6 @@ def loaded(run_dir):
 def app_for(run_dir, loaded, **options):
     model, tokenizer = loaded
     return create_app(run_dir, device="cpu", model=model, tokenizer=tokenizer, **options)
-
-
-def events(response) -> list:
-    """The data of each server-sent event; [DONE] as the string."""
-    blocks = [b for b in response.text.split("\n\n") if b.strip()]
-    assert all(b.startswith("data: ") for b in blocks), response.text
-    return [b[6:] if b[6:] == "[DONE]" else json.loads(b[6:]) for b in blocks]
 
 
 # ----------------------------------------------------------------------------- a model that fails

@@ -19,7 +19,7 @@ from pathlib import Path
 from tinygpt.checkpoint import best_or_last, build_model, read_record
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.errors import CheckpointError, ConfigError
-from tinygpt.metrics import read_rows, save_png
+from tinygpt.metrics import read_rows, save_plot
 from tinygpt.rundir import holds_run
 
 X_AXES = ("iterations", "tokens", "seconds")
@@ -202,13 +202,7 @@ def plot_comparison(runs: list[RunSummary], out: Path, x: str) -> None:
                    "seconds": "seconds of training (each run's wall time spread evenly over its iterations)"}[x])
     ax.set_ylabel("loss (bits per byte, comparable across tokenizers)")
     ax.set_title("validation (solid) and training (dashed) loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    try:
-        save_png(fig, out)
-    finally:
-        plt.close(fig)
+    save_plot(fig, ax, out, legend_fontsize="small")
 
 
 # ----------------------------------------------------------------------------- lr-find
@@ -317,10 +311,4 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss (nats per token)")
     ax.set_title("learning-rate range test")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    try:
-        save_png(fig, out)
-    finally:
-        plt.close(fig)
+    save_plot(fig, ax, out, legend_fontsize="small")

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tinygpt.checkpoint import best_or_last, load_model, read_record
+from tinygpt.checkpoint import best_or_last, fsync_directory, load_model, read_record
 from tinygpt.config import ModelConfig, model_config_from_dict
 from tinygpt.errors import ExportError
 from tinygpt.model import GPT
@@ -135,20 +135,12 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, overwrite: bool = Fal
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
         with contextlib.suppress(OSError):  # not every file system syncs a folder
-            _fsync_directory(out_path.parent)
+            fsync_directory(out_path.parent)
     except OSError as e:
         raise ExportError(f"could not write {str(out_path)!r}: {e.strerror or e}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out_path
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def gguf_tensors(model: GPT, arch: str) -> dict[str, np.ndarray]:

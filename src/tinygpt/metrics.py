@@ -63,22 +63,25 @@ def plot_losses(metrics_path: Path, png_path: Path, text_sizes: dict[str, tuple[
     last = rows[-1]
     ax.set_title(f"val {bits(last['val_loss'], sizes.get('val'), 'byte'):.3f} bits/byte, "
                  f"{bits(last['val_loss'], sizes.get('val'), 'char'):.3f} bits/char at iteration {iterations[-1]}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    save_plot(fig, ax, png_path)
+
+
+def save_plot(fig, ax, png_path: Path, legend_fontsize: str = "medium") -> None:
+    """Finish a figure of one axes as every tinyGPT plot is (a light grid, a legend, a tight
+    layout), write it as a PNG atomically (a temporary file renamed over `png_path`), close it."""
+    import matplotlib.pyplot as plt
+
     try:
-        save_png(fig, png_path)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_fontsize)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
+        try:
+            with open(fd, "wb") as f:
+                fig.savefig(f, format="png", dpi=100)
+            os.replace(tmp, png_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     finally:
         plt.close(fig)
-
-
-def save_png(fig, png_path: Path) -> None:
-    """A matplotlib figure as a PNG, atomically: a temporary file renamed over `png_path`."""
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
-    try:
-        with open(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -67,6 +67,12 @@ class _Tables:
         """A token as a person reads it: its text, with any byte of an unfinished character as \\xNN."""
         return self.token_bytes[int(token)].decode("utf-8", errors="backslashreplace")
 
+    def file_text(self) -> str:
+        raise NotImplementedError
+
+    def save(self, path) -> None:
+        Path(path).write_text(self.file_text(), encoding="utf-8")
+
     def stream(self) -> TextStream:
         return TextStream(self.token_bytes)
 
@@ -145,9 +151,9 @@ class CharTokenizer(_Tables):
             raise TinyGPTError("not a tinygpt character tokenizer")
         return cls(data["chars"])
 
-    def save(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False)
+    def file_text(self) -> str:
+        """What `save` writes: tinyGPT's own JSON of the vocabulary."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
     def load(cls, path) -> CharTokenizer:
@@ -224,8 +230,9 @@ class BPETokenizer(_Tables):
             raise TinyGPTError("not a tinygpt BPE tokenizer")
         return cls(data["tokenizer_json"])
 
-    def save(self, path) -> None:
-        Path(path).write_text(self.json_text, encoding="utf-8")
+    def file_text(self) -> str:
+        """What `save` writes: the standard tokenizer.json."""
+        return self.json_text
 
     @classmethod
     def load(cls, path) -> BPETokenizer:

@@ -500,9 +500,7 @@ def _write_run_files(run: Run, record: dict | None) -> None:
         {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
          "train": dataclasses.asdict(run.config),
          **({"init_from": run.init_from} if run.init_from else {})}, indent=1).encode())
-    tokenizer_json = run.tokenizer.json_text if run.tokenizer.kind == "bpe" else \
-        json.dumps(run.tokenizer.to_dict(), ensure_ascii=False)
-    checkpoint.atomic_write_bytes(run.run_dir / "tokenizer.json", tokenizer_json.encode("utf-8"))
+    checkpoint.atomic_write_bytes(run.run_dir / "tokenizer.json", run.tokenizer.file_text().encode("utf-8"))
     metrics_path = run.metrics_path
     if record is not None:
         size = metrics_path.stat().st_size if metrics_path.exists() else 0
