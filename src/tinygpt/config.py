@@ -9,7 +9,9 @@ field from the command line with `--set key=value` (keys are unqualified: `n_emb
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from tinygpt.errors import ConfigError, PeerLost, TinyGPTError
@@ -258,3 +260,68 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return _config_from_dict(TrainConfig, data, "training")
+
+
+# ----------------------------------------------------------------------------- config files (TOML)
+
+CONFIG_FILE_NOTE = "# `tinygpt train --config FILE` reads this; `--set key=value` still overrides it."
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's shortest round-trip form is valid TOML (1e-05, 540.0, inf)
+    return json.dumps(value)  # a TOML basic string: the same escapes as JSON's
+
+
+def config_toml(model: ModelConfig, train: TrainConfig, preset: str | None = None, comment: str = "") -> str:
+    """Both configs as a TOML file a person keeps in version control. The vocabulary size is
+    left out: it comes from the data."""
+    lines = [f"# {line}" for line in comment.splitlines()] + [CONFIG_FILE_NOTE]
+    if preset is not None:
+        lines += ["# keys this file leaves out come from this preset", f"preset = {_toml_value(preset)}"]
+    for table, config in (("model", model), ("train", train)):
+        lines += ["", f"[{table}]"]
+        lines += [f"{f.name} = {_toml_value(getattr(config, f.name))}" for f in fields(config)
+                  if f.name != "vocab_size"]
+    return "\n".join(lines) + "\n"
+
+
+def load_config_file(path: str | Path, preset: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a TOML file describes: its [model] and [train] tables over the preset it
+    names (or `preset`, else cpu). Every key must be known and of its field's type."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the config file {str(path)!r} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the config file {str(path)!r} is not valid TOML: {e}") from None
+    unknown = set(data) - {"preset", "model", "train"}
+    if unknown:
+        raise ConfigError(f"the config file {str(path)!r} has unknown entries {', '.join(sorted(unknown))}; "
+                          f"it holds `preset`, [model] and [train]")
+    named = data.get("preset")
+    if named is not None and not isinstance(named, str):
+        raise ConfigError(f"the config file {str(path)!r}: preset must be a string, got {named!r}")
+    if named is not None and preset is not None and named != preset:
+        raise ConfigError(f"--preset {preset} and the config file's preset {named!r} differ: give one")
+    base_model, base_train = get_preset(named or preset or "cpu")
+    tables = {}
+    for table in ("model", "train"):
+        tables[table] = data.get(table, {})
+        if not isinstance(tables[table], dict):
+            raise ConfigError(f"the config file {str(path)!r}: {table} must be a table ([{table}])")
+    if "vocab_size" in tables["model"]:
+        raise ConfigError(f"the config file {str(path)!r} sets vocab_size; it comes from the data: remove it")
+    try:
+        model = _config_from_dict(ModelConfig, {**dataclasses.asdict(base_model), **tables["model"]}, "model")
+        train = _config_from_dict(TrainConfig, {**dataclasses.asdict(base_train), **tables["train"]}, "training")
+    except ConfigError as e:
+        raise ConfigError(f"the config file {str(path)!r}: {e}") from None
+    return model, train

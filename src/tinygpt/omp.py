@@ -4,7 +4,7 @@ Spinning waits (ACTIVE) answer fastest when every core is ours: batch-1 decoding
 operation after another, gains the most. On a machine where other processes are busy they
 are ruinous: a thread spins on a core another process needs, its sibling is descheduled,
 and every parallel operation waits a time slice. So: the user's OMP_WAIT_POLICY wins;
-commands that run for hours, serve others or wait for a person (train, serve, chat) sleep
+commands that run for hours, serve others or wait for a person (train, sweep, serve, chat) sleep
 (PASSIVE), since the machine's load will change under them; short commands (sample, eval,
 bench) spin when the machine is quiet now.
 BENCHMARKS.md ("OpenMP wait policy") has the measurements. This module imports no torch.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-LONG_RUNNING = ("train", "serve", "chat")  # chat waits at its prompt: spinning threads would hold the cores
+LONG_RUNNING = ("train", "sweep", "serve", "chat")  # chat waits at its prompt: spinning threads would hold the cores
 QUIET_LOAD = 0.5  # below this 1-minute load average, no other process competes for a core
 
 

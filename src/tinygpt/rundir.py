@@ -28,12 +28,12 @@ from tinygpt.errors import ConfigError
 
 LOCK_NAME = ".tinygpt.lock"
 CHECKPOINT_NAMES = ("last", "best")
-RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "last.json", "best.json")
+RUN_FILES = ("config.json", "config.toml", "tokenizer.json", "metrics.jsonl", "loss.png", "last.json", "best.json")
 TENSOR_FILE = re.compile(r"(last|best)-([0-9]{8})(-[0-9]+)?\.(model|state)\.safetensors")
 # temporary files of tinyGPT's atomic writes: ".<final name>.<random>.tmp" (before the
 # random part existed: ".<final name>.tmp")
 TEMPORARY_FILE = re.compile(r"\.(?:(?:last|best)-[0-9]{8}(?:-[0-9]+)?\.(?:model|state)\.safetensors"
-                            r"|last\.json|best\.json|loss\.png|metrics\.jsonl|config\.json)(?:\.[A-Za-z0-9_]+)?\.tmp")
+                            r"|last\.json|best\.json|loss\.png|metrics\.jsonl|config\.json|config\.toml)(?:\.[A-Za-z0-9_]+)?\.tmp")
 RUN_FORMAT = "tinygpt-run"  # config.json's "format": what marks a folder as a run
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from tinygpt import checkpoint, distributed, rundir, speed, training_state
-from tinygpt.config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
+from tinygpt.config import ModelConfig, TrainConfig, config_toml, model_config_from_dict, train_config_from_dict
 from tinygpt.data import BatchSampler, load_tokenizer, load_tokens, split_sizes
 from tinygpt.distributed import Distributed
 from tinygpt.errors import CheckpointError, ConfigError, DataError, TinyGPTError, TrainingDiverged
@@ -493,13 +493,16 @@ def _speed_plan(config: TrainConfig, model_config: ModelConfig, device: torch.de
 
 
 def _write_run_files(run: Run, record: dict | None) -> None:
-    """config.json first (it marks the folder as a run), tokenizer.json; a fresh run starts its
+    """config.json first (it marks the folder as a run), the same as config.toml, tokenizer.json; a fresh run starts its
     metrics, a resumed one cuts them back to what its checkpoint had seen (later rows will be
     written again)."""
     checkpoint.atomic_write_bytes(run.run_dir / "config.json", json.dumps(
         {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
          "train": dataclasses.asdict(run.config),
          **({"init_from": run.init_from} if run.init_from else {})}, indent=1).encode())
+    checkpoint.atomic_write_bytes(run.run_dir / "config.toml", config_toml(
+        run.model_config, run.config, comment="the resolved configuration of this run: "
+        "`tinygpt train --config` with this file trains it again").encode())
     checkpoint.atomic_write_bytes(run.run_dir / "tokenizer.json", run.tokenizer.file_text().encode("utf-8"))
     metrics_path = run.metrics_path
     if record is not None:
