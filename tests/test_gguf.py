@@ -206,10 +206,14 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    closed = []
+    original_close = gguf.GGUFWriter.close
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    monkeypatch.setattr(gguf.GGUFWriter, "close", lambda self: closed.append(self) or original_close(self))
     with pytest.raises(ExportError, match="could not write .*No space left on device"):
         export_gguf(tmp_path / "run", out / "model.gguf")
     assert list(out.iterdir()) == []
+    assert len(closed) == 1  # the writer's file was closed, not left open
 
 
 # ----------------------------------------------------------------------------- llama.cpp itself

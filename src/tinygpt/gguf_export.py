@@ -121,6 +121,7 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, overwrite: bool = Fal
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
+    writer = None
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         write_metadata(writer, gguf, arch, model.config, run_dir.resolve().name, vocab)
@@ -130,6 +131,7 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, overwrite: bool = Fal
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        writer = None
         os.chmod(tmp, 0o644)  # a file to share, not mkstemp's owner-only one
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -139,6 +141,9 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, overwrite: bool = Fal
     except OSError as e:
         raise ExportError(f"could not write {str(out_path)!r}: {e.strerror or e}") from None
     finally:
+        if writer is not None:  # a failed write: close its file before removing it
+            with contextlib.suppress(Exception):
+                writer.close()
         Path(tmp).unlink(missing_ok=True)
     return out_path
 
