@@ -1,13 +1,17 @@
 """Load test for `tinygpt serve`: concurrent clients on loopback against a real server process.
 
     python benchmarks/serve_load.py [RUN_DIR] [--clients 32] [--requests 1000] [--max-tokens 64] [--model-speed]
+    python benchmarks/serve_load.py --build-run DIR      # build the run once, to serve it from several trees
+    python benchmarks/serve_load.py DIR --source /tmp/before/src --label before --json results.jsonl
 
 Starts `python -m tinygpt serve RUN_DIR` on a free loopback port, sends the requests from
 `--clients` concurrent connections (alternately a plain and a streamed /v1/completions),
 and prints: errors, latency percentiles, time to the first streamed text, generated
-characters per second, and the server's resident memory before and after (flat memory
-means no request leaks anything). Without RUN_DIR it builds a run of the `cpu` preset's
-shape (trained for one step: speed does not depend on what the weights learned).
+characters per second, and the server's resident memory before and after and after each
+quarter of the requests (flat memory means no request leaks anything). Without RUN_DIR it
+builds a run of the `cpu` preset's shape (trained for one step: speed does not depend on
+what the weights learned). `--source` serves from another source tree (its `src` folder, on
+PYTHONPATH) with the same Python, to compare two versions of the server on one run.
 """
 
 from __future__ import annotations
@@ -145,9 +149,17 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument("--max-active", type=int, help="the server's --max-active (default: the server's own)")
+    parser.add_argument("--source", help="serve from this source tree's src folder (default: the installed tinygpt)")
+    parser.add_argument("--label", default="", help="a name for this run in the printout and --json")
+    parser.add_argument("--json", help="append this run's figures to this file, one JSON object per line")
+    parser.add_argument("--build-run", metavar="DIR", help="only build a run of --preset's shape in DIR and exit")
     parser.add_argument("--model-speed", action="store_true",
                         help="first time generation in-process: 1 vs 2 torch threads, batch 1 vs 8")
     args = parser.parse_args()
+    if args.build_run:
+        print(build_run(Path(args.build_run), args.preset))
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else build_run(Path(tmp), args.preset)
@@ -156,11 +168,14 @@ def main() -> int:
         if args.requests <= 0:
             return 0
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",
-             "--threads", str(args.threads), "--max-queue", str(max(64, args.clients))],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        command = [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",
+                   "--threads", str(args.threads), "--max-queue", str(max(64, args.clients))]
+        if args.max_active:
+            command += ["--max-active", str(args.max_active)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.source:
+            env["PYTHONPATH"] = str(Path(args.source).resolve())
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
@@ -194,7 +209,9 @@ def main() -> int:
     latencies = [r["latency"] * 1000 for r in done]
     firsts = [r["first"] * 1000 for r in done if r.get("first") is not None]
     tokens = sum(r["tokens"] for r in done)
-    print(f"server: {run_dir} ({args.preset if not args.run_dir else 'given run'}), torch threads {args.threads}")
+    print(f"{args.label + ': ' if args.label else ''}server from {args.source or 'the installed tinygpt'}, "
+          f"run {run_dir} ({args.preset if not args.run_dir else 'given run'}), torch threads {args.threads}, "
+          f"max active {args.max_active or 'default'}")
     print(f"{args.requests} requests from {args.clients} concurrent clients, max_tokens {args.max_tokens}, "
           "half plain, half streamed")
     print(f"errors:                {len(errors)}" + (f"  first: {errors[0]}" if errors else ""))
@@ -211,6 +228,17 @@ def main() -> int:
           f"active {health['active']}, queued {health['queued']}")
     mean = statistics.fmean(latencies) if latencies else 0.0
     print(f"mean latency:          {mean:.0f} ms")
+    if args.json:
+        figures = {
+            "label": args.label, "source": args.source, "clients": args.clients, "requests": args.requests,
+            "max_active": args.max_active, "errors": len(errors), "seconds": seconds,
+            "characters_per_second": tokens / seconds, "latency_ms": {q: percentile(latencies, q) for q in (50, 99)},
+            "first_text_ms": {q: percentile(firsts, q) for q in (50, 99)} if firsts else None,
+            "mean_latency_ms": mean, "rss_mib_before": before["VmRSS"] / 1024, "rss_mib_after": after["VmRSS"] / 1024,
+            "rss_mib_by_quarter": quarters,
+        }
+        with open(args.json, "a", encoding="utf-8") as out:
+            out.write(json.dumps(figures) + "\n")
     return 1 if errors else 0
 
 

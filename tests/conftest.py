@@ -19,3 +19,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The apps `tinygpt serve` would run (serving tests): uvicorn's loop is replaced by one that returns at once."""
+    import uvicorn
+
+    apps = []
+
+    def run(self, sockets=None):
+        apps.append(self.config.app)
+        for sock in sockets or []:
+            sock.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return apps

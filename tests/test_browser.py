@@ -122,3 +122,32 @@ def test_a_bpe_model_streams_coloured_tokens_and_whole_characters(page, tmp_path
             assert text.encode("utf-16", "surrogatepass").decode("utf-16") == text
         finally:
             bpe_page.close()
+
+
+def test_the_page_asks_for_the_api_key_once(page, tmp_path_factory):
+    app = create_app(trained_run(tmp_path_factory), device="cpu", limits=Limits(time_slice=0.002),
+                     api_key="open sesame")
+    with live_server(app) as url:
+        keyed = page.context.browser.new_page(viewport={"width": 1200, "height": 900})  # playwright runs once
+        try:
+            keyed.set_default_timeout(30_000)
+            keyed.goto(url)
+            keyed.wait_for_selector("#key-form:not([hidden])")  # /api/info answered 401
+            assert "needs its API key" in keyed.inner_text("#key-message")
+            keyed.fill("#api-key", "open sesam")
+            keyed.click("#key-form button")
+            keyed.wait_for_selector("#key-message:has-text('refused')")
+            keyed.fill("#api-key", "open sesame")
+            keyed.press("#api-key", "Enter")
+            keyed.wait_for_selector("#model-info:has-text('parameters')")
+            assert keyed.is_hidden("#key-form")
+            assert keyed.evaluate("sessionStorage.getItem('tinygpt-api-key')") == "open sesame"
+            keyed.reload()  # the same tab: the key is kept, not asked again
+            keyed.wait_for_selector("#model-info:has-text('parameters')")
+            keyed.fill("#prompt", "To be")
+            keyed.fill("#length", "20")
+            keyed.click("#generate")
+            keyed.wait_for_selector("#generate:not([disabled])")
+            assert "20 characters" in keyed.inner_text("#status") and keyed.is_hidden("#key-form")
+        finally:
+            keyed.close()

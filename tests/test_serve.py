@@ -134,7 +134,8 @@ def test_held_back_text_is_released_once_it_cannot_start_a_stop_sequence():
     ('{"model": "gpt-4", "prompt": "To"}', 404, "serves 'tiny-run'"),
     ('{"model": "tiny-run", "temperature": 3}', 422, "temperature"),
     ('{"model": "tiny-run", "max_tokens": "many"}', 422, "max_tokens"),
-    ('{"model": "tiny-run", "logprobs": 5}', 400, "logprobs is not supported"),
+    ('{"model": "tiny-run", "logprobs": 50}', 400, "at most 20 alternatives per token"),
+    ('{"model": "tiny-run", "suffix": "end"}', 400, "suffix is not supported"),
     ('{"prompt": "To"}', 422, "model"),
 ])
 def test_bad_requests_get_clear_errors(client, body, status, needle):

@@ -187,22 +187,6 @@ def test_the_api_docs_are_off_unless_asked_for(run_dir, loaded):
 # ----------------------------------------------------------------------------- tinygpt serve
 
 
-@pytest.fixture
-def served(monkeypatch):
-    """The app `tinygpt serve` would run: uvicorn's loop is replaced by one that returns at once."""
-    import uvicorn
-
-    apps = []
-
-    def run(self, sockets=None):
-        apps.append(self.config.app)
-        for sock in sockets or []:
-            sock.close()
-
-    monkeypatch.setattr(uvicorn.Server, "run", run)
-    return apps
-
-
 def test_serve_warns_beyond_loopback_and_takes_allow_host_and_docs(run_dir, served, capsys):
     assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
                  "--allow-host", "my.lan", "--allow-host", "proxy.example", "--docs"]) == 0

@@ -80,7 +80,7 @@ def test_train_writes_metrics_plot_and_checkpoints(data_dir, tmp_path, monkeypat
     assert set(last["files"]) == {"model", "state"} and set(best["files"]) == {"model"}
     assert result.best_val_loss == best["val_loss"]
     for path in run_dir.iterdir():
-        assert path.suffix in {".json", ".jsonl", ".png", ".safetensors"}, path.name
+        assert path.suffix in {".json", ".jsonl", ".png", ".safetensors", ".toml"}, path.name
 
     model, tokenizer = load_model(run_dir, "last")
     assert model.config.vocab_size == tokenizer.vocab_size == len(json.loads(

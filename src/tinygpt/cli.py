@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from tinygpt import omp
-from tinygpt.config import PRESETS, apply_overrides, get_preset, known_keys
+from tinygpt.config import PRESETS, apply_overrides, config_toml, get_preset, known_keys, load_config_file
 from tinygpt.errors import ConfigError, PeerLost, TinyGPTError
 
 # commands whose speed depends on how OpenMP threads wait (omp.py), and which say what they chose
-TORCH_COMMANDS = ("train", "eval", "sample", "chat", "serve", "bench")
+TORCH_COMMANDS = ("train", "eval", "sample", "chat", "serve", "bench", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,14 +54,17 @@ def _configs(args):
     """The preset's configs with the command line's changes. Resuming without --preset starts
     from the run's own configs instead; either way train refuses any change a continuing run
     cannot make, naming the key. --init-from RUN (a new run) starts from RUN's model config and
-    the --preset's training config, else RUN's."""
+    the --preset's (or --config file's) training config, else RUN's. --config FILE.toml starts
+from the file (its [model] and [train] over the preset it names) instead of a preset."""
     last = Path(args.out) / "last.json" if getattr(args, "resume", False) else None
+    config_file = getattr(args, "config", None)
     if getattr(args, "init_from", None) and not (last is not None and last.is_file()):
         from tinygpt.train import init_from_configs
 
-        preset_train = get_preset(args.preset)[1] if args.preset is not None else None
+        preset_train = (load_config_file(config_file, args.preset)[1] if config_file is not None
+                        else get_preset(args.preset)[1] if args.preset is not None else None)
         model_config, train_config = init_from_configs(Path(args.init_from), preset_train, args.set or [])
-    elif args.preset is None and last is not None and last.is_file():
+    elif args.preset is None and config_file is None and last is not None and last.is_file():
         from tinygpt.checkpoint import read_record
         from tinygpt.config import model_config_from_dict, train_config_from_dict
         from tinygpt.training_state import check_resumable
@@ -70,6 +73,8 @@ def _configs(args):
         check_resumable(Path(args.out), record)
         model_config = model_config_from_dict(record["model_config"])
         train_config = train_config_from_dict(record["train_config"])
+    elif config_file is not None:
+        model_config, train_config = load_config_file(config_file, args.preset)
     else:
         model_config, train_config = get_preset(args.preset or "cpu")
     apply_overrides(model_config, train_config, args.set or [])
@@ -144,6 +149,10 @@ def cmd_sample(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.num_samples)
     model, tokenizer = load_model(args.run_dir, device=resolve_device(args.device))
     tokenizer.encode(args.prompt)  # unknown characters: one line, before anything is printed
+    if args.int8:
+        from tinygpt.quantize import int8_model
+
+        model = int8_model(model)
     print(args.threads_line, file=sys.stderr)
     steps = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
@@ -244,6 +253,13 @@ def _export_gguf(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    if args.show is not None:
+        if args.show not in PRESETS:
+            raise ConfigError(f"unknown preset {args.show!r}; known presets: {', '.join(PRESETS)}")
+        model_config, train_config = get_preset(args.show)
+        print(config_toml(model_config, train_config, preset=args.show,
+                          comment=f"preset {args.show}: {PRESETS[args.show].description}"), end="")
+        return 0
     for name, preset in PRESETS.items():
         m, t = preset.model, preset.train
         print(f"{name:6s} {preset.description}")
@@ -260,10 +276,17 @@ def cmd_serve(args) -> int:
             raise TinyGPTError(f"--{name.replace('_', '-')} must be a positive number")
     if any(not name.strip() for name in args.allow_host):
         raise TinyGPTError("--allow-host needs a host name (or * for any)")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("TINYGPT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise TinyGPTError("--api-key (or TINYGPT_API_KEY) is empty; give a key, or unset it to serve without one")
+    if any(not origin.strip() or origin.endswith("/") for origin in args.cors_origin):
+        raise TinyGPTError("--cors-origin takes an origin such as https://app.example (scheme and host, no path; "
+                           "* for any)")
     limits = Limits(max_active=args.max_active, max_queue=args.max_queue, max_tokens=args.max_tokens)
     print(args.threads_line, flush=True)
     serve(args.run_dir, host=args.host, port=args.port, device=args.device, limits=limits, threads=args.threads,
-          allow_hosts=args.allow_host, docs=args.docs)
+          allow_hosts=args.allow_host, docs=args.docs, api_key=api_key, cors_origins=args.cors_origin,
+          chat_template=args.chat_template)
     return 0
 
 
@@ -343,6 +366,8 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--data", required=True, metavar="DATA_DIR")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--preset", choices=list(PRESETS), help="the starting configuration (default cpu)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="the configuration from a TOML file (`tinygpt presets --show NAME` writes one)")
     p.add_argument("--max-iters", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help=f"override a config value; keys: {', '.join(known_keys())}")
@@ -386,6 +411,8 @@ def _add_sampling_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    p.add_argument("--int8", action="store_true",
+                   help="decode with int8 weights (CPU; faster, text slightly different: BENCHMARKS.md)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
 
@@ -406,13 +433,22 @@ def _add_serving_and_measuring_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (default 1)")
-    p.add_argument("--max-active", type=int, default=8, help="requests generating at once (default 8)")
+    p.add_argument("--max-active", type=int, default=32,
+                   help="requests generating at once, one decode step for all (default 32)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=1024, help="the cap on max_tokens per request (default 1024)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header is NAME (repeatable; * for any), e.g. behind a "
                         "reverse proxy or on a LAN (default: the --host address, and loopback names on loopback)")
     p.add_argument("--docs", action="store_true", help="serve the API's documentation at /docs, /redoc, /openapi.json")
+    p.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1/*, /api/* and /metrics "
+                   "(default: the TINYGPT_API_KEY environment variable, which keeps the key out of the process list)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example; repeatable; * for any) call the API "
+                        "(default: none, no CORS headers)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a JSON chat template for /v1/chat/completions (see the README; default: USER:/ASSISTANT: "
+                        "turns)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="type prompts, watch the model continue them (streamed)")
@@ -441,7 +477,8 @@ def _add_serving_and_measuring_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("presets", help="list the named presets")
+    p = sub.add_parser("presets", help="list the named presets, or print one as a config file")
+    p.add_argument("--show", metavar="NAME", help="print preset NAME as TOML, to start a --config file from")
     p.set_defaults(func=cmd_presets)
 
 
@@ -494,6 +531,23 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from tinygpt.sweep import plan_sweep, run_sweep
+
+    if args.config is not None:
+        model_config, train_config = load_config_file(args.config, args.preset)
+    else:
+        model_config, train_config = get_preset(args.preset or "cpu")
+    apply_overrides(model_config, train_config, args.set or [])
+    plan = plan_sweep(args.data, model_config, train_config, args.grid, seeds=args.seeds, budget=args.budget,
+                      one_at_a_time=args.one_at_a_time)
+    print(args.threads_line)
+    state = run_sweep(plan, args.out, device=args.device, progress=not args.no_progress)
+    print(f"sweep done: {len(state.results)} runs; table in {state.out / 'sweep.md'}, curves in "
+          f"{state.out / 'sweep.png'}")
+    return 0
+
+
 def _add_experiment_commands(sub) -> None:
     p = sub.add_parser("compare", help="overlay runs' loss curves; table of the config keys that differ and scores")
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -516,6 +570,23 @@ def _add_experiment_commands(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("sweep", help="train a grid of configurations in turn, each under the same time budget")
+    p.add_argument("--data", required=True, metavar="DATA_DIR")
+    p.add_argument("--preset", choices=list(PRESETS), help="the base configuration (default cpu)")
+    p.add_argument("--config", metavar="FILE.toml", help="the base configuration from a TOML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change the base configuration, as in train")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="values of one key (repeat for more keys)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="vary each --grid key alone from the base (plus the base itself), not every product")
+    p.add_argument("--seeds", type=int, default=1, help="runs per combination, seeds counting up from the "
+                                                           "config's (default 1)")
+    p.add_argument("--budget", type=float, required=True, metavar="SECONDS", help="wall-clock training time per run")
+    p.add_argument("--out", required=True, metavar="SWEEP_DIR",
+                   help="the sweep's folder; the same command again continues it")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

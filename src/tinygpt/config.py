@@ -32,10 +32,13 @@ class ModelConfig:
     lm_head_bias: bool = False
     norm: str = "pre"  # "pre": x + f(LN(x)); "post": LN(x + f(x)) as in the original notebook
     norm_type: str = "layernorm"  # "layernorm" or "rmsnorm"
-    activation: str = "gelu"  # "gelu" or "relu"
+    activation: str = "gelu"  # "gelu", "relu", or "relu2" (ReLU squared)
     positions: str = "learned"  # "learned" absolute embeddings or "rope" (rotary)
     tie_embeddings: bool = False  # share the token embedding with the LM head
     scaled_residual_init: bool = True  # GPT-2's init: residual projections at 0.02 / sqrt(2 n_layer)
+    zero_init_proj: bool = False  # the projections into the residual stream start at zero
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -52,7 +55,9 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_choice("norm", self.norm, ("pre", "post"))
         _check_choice("norm_type", self.norm_type, ("layernorm", "rmsnorm"))
-        _check_choice("activation", self.activation, ("gelu", "relu"))
+        _check_choice("activation", self.activation, ("gelu", "relu", "relu2"))
+        if not self.logit_softcap >= 0:
+            raise ConfigError(f"logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         _check_choice("positions", self.positions, ("learned", "rope"))
 
 
@@ -61,7 +66,8 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     min_lr: float = 1e-4  # the floor the cosine schedule decays to
-    schedule: str = "cosine"  # "cosine" (linear warmup, cosine decay) or "constant"
+    schedule: str = "cosine"  # "cosine" (linear warmup, cosine decay), "wsd" or "constant"
+    decay_fraction: float = 0.3  # wsd: the last share of the run, decayed linearly to min_lr
     warmup_iters: int = 100
     max_iters: int = 2000
     max_time: float = 0.0  # seconds; > 0 also ends training (and its cosine schedule) at this wall-clock budget
@@ -100,7 +106,9 @@ class TrainConfig:
             raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time}")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("min_lr, weight_decay and grad_clip must be >= 0")
-        _check_choice("schedule", self.schedule, ("cosine", "constant"))
+        _check_choice("schedule", self.schedule, ("cosine", "wsd", "constant"))
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         _check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         if self.optimizer == "muon":
             import torch

@@ -11,19 +11,24 @@ It knows nothing of HTTP. `serve.py` (the OpenAI-compatible adapter) and `playgr
    that waits longer than `queue_timeout` gets `ServerOverloaded`. Both carry a
    `retry_after` in seconds. The adapter answers these as 400, 429 and 503.
 3. `steps` generates, `attention` reads attention maps. Every model call runs on one
-   dedicated model thread (`Engine.executor`, a single worker) in time slices of
-   `Limits.time_slice` seconds, so concurrent requests take turns over one model instance,
-   and an attention request never runs in the middle of a generation step (model.py's
-   attention recorder is switched on for the whole model).
-4. A request that stops asking (its client left) ends its generation within one time
-   slice: the model thread only works when the event loop asks it for the next slice.
+   dedicated model thread (`Engine.executor`, a single worker). Generation is continuously
+   batched (batching.py): the running requests' choices are rows of one batch, and each
+   trip to the model thread runs steps of the whole batch, each step one token for every
+   request at once, for `Limits.time_slice` seconds or until a request ends. A request
+   joins the batch at the next step (its prefill), leaves it when done, and its rows go to
+   the next one, so a short request never waits for a long one. Whichever waiting request
+   asks first starts the next trip; an attention request runs between trips, never in the
+   middle of a step (model.py's attention recorder is switched on for the whole model).
+4. A request that stops asking (its client left) is given up at once: its admission slot
+   is released, and its rows leave the batch before the next step; the others go on.
 5. When the model itself fails (it raises on the model thread, or its probabilities or
    attention weights are not finite numbers, as with NaN weights) the request gets
    `ModelFailed`, whose message names what failed (the traceback goes to the log, not to
-   the client). Its slot is released as for any other ending, and the model thread and
-   the engine go on serving the next request.
+   the client). A prefill or a draw that fails ends its own request only; a batched decode
+   step that raises ends every request in that step. Their slots are released as for any
+   other ending, and the model thread and the engine go on serving the next request.
 
-Scheduling (who gets the model thread, for how long, on how many rows) lives here only.
+Scheduling (who gets the model thread, for how long, which requests are in the batch) lives here only.
 The per-request text state of a completion (`Choice`: stop sequences, text held back from
 the stream) stays in the adapter: it implements OpenAI's rules on decoded text, while the
 engine deals in token ids and probabilities and learns that a request is done through the
@@ -36,21 +41,24 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
 
+from tinygpt.batching import Batch, Step
 from tinygpt.errors import ServerBusy, ServerOverloaded, TinyGPTError
-from tinygpt.generate import generate_ids
+from tinygpt.generate import check_sampling
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, UnknownCharacterError
 
 BUSY_RETRY_AFTER = 1  # seconds a client refused at a full queue is told to wait
 OVERLOADED_RETRY_AFTER = 5  # seconds a client that timed out in the queue is told to wait
+STREAM_SLICES = 5  # time slices a request's steps are held by default (BENCHMARKS.md "Serving")
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +89,14 @@ class Limits:
     max_n: int = 8  # the cap on n (choices per request)
     max_alternatives: int = 20  # the cap on top-k alternatives in /api/generate
     max_body_bytes: int = 65536
-    max_active: int = 8  # requests generating at once (interleaved step by step)
+    max_active: int = 32  # requests generating at once: the batch (one decode step for all)
     max_queue: int = 64  # requests waiting for a slot; more get ServerBusy
     queue_timeout: float = 60.0  # seconds a request may wait for a slot before ServerOverloaded
-    time_slice: float = 0.02  # seconds of generation a request gets before the next one's turn
+    time_slice: float = 0.02  # seconds of batch steps per trip to the model thread
+    # seconds a request's steps are held before they go out together (its first step and its
+    # end go at once): each delivery costs the server and the client a chunk of work.
+    # None: STREAM_SLICES time slices (so time_slice 0 delivers every step as it comes)
+    stream_interval: float | None = None
 
 
 @dataclasses.dataclass
@@ -97,6 +109,43 @@ class Sampling:
     top_p: float | None
     seed: int | None
     n: int
+
+
+class _Request:
+    """One request's generation as the two threads share it: the model thread pushes its
+    steps (or its failure, or its end), the event loop takes them; a lock keeps each
+    exchange whole. `cancelled` is set by the event loop when the request is given up."""
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, convert: Callable[..., Any],
+                 stop_early: Callable[[], bool] | None):
+        self.prompt_ids, self.sampling, self.convert, self.stop_early = prompt_ids, sampling, convert, stop_early
+        self.lock = threading.Lock()
+        self.results: list[Any] = []
+        self.error: Exception | None = None
+        self.done = False
+        self.cancelled = False
+        self.generation = None  # its place in the batch (model thread only)
+
+    def push(self, result: Any) -> None:
+        with self.lock:
+            self.results.append(result)
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = True
+
+    def fail(self, error: Exception) -> None:
+        with self.lock:
+            self.error, self.done = error, True
+
+    def take(self, hold: bool = False) -> tuple[list[Any], Exception | None, bool]:
+        """The steps made since the last take; then, once they are all taken, the error or
+        the end. hold: keep the steps for a later take, unless the request has ended."""
+        with self.lock:
+            if hold and not self.done:
+                return [], None, False
+            results, self.results = self.results, []
+            return results, self.error, self.done
 
 
 class Engine:
@@ -116,6 +165,16 @@ class Engine:
         self.completed = 0
         self.cancelled = 0
         self.failed = 0  # requests the model failed (ModelFailed)
+        self.generated_tokens = 0  # tokens generated and delivered, every choice counted
+        self.batch = Batch(model)  # the running generations (model thread only)
+        self._joining: collections.deque[_Request] = collections.deque()  # admitted, not yet in the batch
+        self._trip: Future | None = None  # the batch's trip on the model thread, running or last
+        self._trip_awaitable: tuple[Future, asyncio.AbstractEventLoop, asyncio.Future] | None = None
+
+    @property
+    def active_sequences(self) -> int:
+        """Rows (choices) in the running batch now."""
+        return self.batch.rows
 
     # -- admission: a FIFO semaphore made of futures, so it binds to no particular event loop
 
@@ -196,59 +255,127 @@ class Engine:
 
     async def steps(self, prompt_ids: list[int], sampling: Sampling, convert: Callable[..., Any],
                     stop_early: Callable[[], bool] | None = None) -> AsyncIterator[list[Any]]:
-        """Yield lists of convert(ids (n,), probs (n, V)), one per generated step, a time
-        slice at a time; stop when the steps run out or stop_early() says so. convert and
-        stop_early run on the model thread. ModelFailed when the model raises or its
-        probabilities are not finite numbers."""
-        iterator = generate_ids(
-            self.model, prompt_ids, sampling.max_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-            top_p=sampling.top_p, seed=sampling.seed, num_samples=sampling.n, with_probs=True,
-        )
-
-        failure: list[Exception] = []  # a failure that came after some steps of a slice
-
-        def time_slice() -> tuple[list[Any], bool]:
-            # Several steps per trip to the model thread: one trip costs two thread switches,
-            # which on a busy machine cost more than a step of a small model.
-            if failure:
-                raise failure.pop()
-            results: list[Any] = []
-            deadline = time.perf_counter() + self.limits.time_slice
-            try:
-                for ids, probs in iterator:
-                    # a greedy step takes the argmax of NaN without complaint: refuse to return garbage
-                    if not bool(probs.isfinite().all()):
-                        raise ModelFailed("the model failed while generating: its probabilities are not finite "
-                                          "numbers (are its weights NaN or infinite?)")
-                    results.append(convert(ids, probs))
-                    if stop_early is not None and stop_early():
-                        return results, True
-                    if time.perf_counter() >= deadline:
-                        return results, False
-            except Exception as e:
-                if not results:
-                    raise
-                failure.append(e)  # deliver the steps made so far; the next trip raises it
-                return results, False
-            return results, True
-
+        """Yield lists of convert(ids (n,), probs (n, V)), one per generated step, as the
+        batch makes them: the first step at once, then what came in each `stream_interval`,
+        and the rest at the end; stop when the steps run out or stop_early() says so. convert
+        and stop_early run on the model thread. ModelFailed when the model raises or its
+        probabilities are not finite numbers; ConfigError for sampling arguments out of range."""
+        check_sampling(sampling.max_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
+                       sampling.n)
+        if not prompt_ids:
+            raise ValueError("generation needs a prompt of at least one token")
+        request = _Request(prompt_ids, sampling, convert, stop_early)
         finished = failed = False
         try:
-            while not finished:
-                try:
-                    results, finished = await self.call(time_slice, doing="generating")
-                except ModelFailed:
-                    failed = True
-                    raise
+            if sampling.max_tokens == 0:
+                finished = True
+                return
+            self._joining.append(request)
+            interval = self.limits.stream_interval
+            interval = STREAM_SLICES * self.limits.time_slice if interval is None else interval
+            last_yield = None
+            while True:
+                results, error, done = request.take(
+                    hold=last_yield is not None and time.perf_counter() - last_yield < interval)
                 if results:
+                    last_yield = time.perf_counter()
                     yield results
+                elif error is not None:
+                    failed = True
+                    self.failed += 1
+                    raise error
+                elif done:
+                    finished = True
+                    return
+                else:
+                    await self._advance()
         finally:
-            # close the generator on the model thread, after any step still running there
-            self.executor.submit(iterator.close)
             if finished:
                 self.completed += 1
             elif not failed:
                 self.cancelled += 1
+                request.cancelled = True
+                self.executor.submit(self._admit)  # free its rows now, not at the next trip
+
+    async def _advance(self) -> None:
+        """Wait for the next trip of the batch on the model thread, starting one unless one
+        is running: whichever request asks first drives the batch for all."""
+        trip = self._trip
+        if trip is None or trip.done():
+            trip = self._trip = self.executor.submit(self._run_trip)
+        # One asyncio future per trip, which every waiting request awaits: a future wrapped
+        # for each of them would wake the event loop once per request at the trip's end.
+        loop = asyncio.get_running_loop()
+        wrapped = self._trip_awaitable
+        if wrapped is None or wrapped[0] is not trip or wrapped[1] is not loop:
+            wrapped = self._trip_awaitable = (trip, loop, asyncio.wrap_future(trip))
+        # shielded: a request that is cancelled while it waits must not cancel the others' trip
+        await asyncio.shield(wrapped[2])
+
+    # -- the model thread's side of generation
+
+    def _admit(self) -> None:
+        """Requests that joined enter the batch (their prefill comes at the next step); those
+        given up leave it."""
+        while self._joining:
+            request = self._joining.popleft()
+            if not request.cancelled:
+                s = request.sampling
+                request.generation = self.batch.add(request.prompt_ids, s.n, s.max_tokens, s.temperature, s.top_k,
+                                                    s.top_p, s.seed, owner=request)
+        for generation in list(self.batch.generations):
+            if generation.owner.cancelled:
+                self.batch.remove(generation)
+
+    def _run_trip(self) -> None:
+        """Steps of the whole batch until a time slice has passed (or no request is left).
+        Several steps per trip: one trip costs two thread switches, which on a busy machine
+        cost more than a step of a small model. A request that ends waits for the end of the
+        trip; one that joins enters the batch at the next step."""
+        deadline = time.perf_counter() + self.limits.time_slice
+        try:
+            while True:
+                self._admit()
+                if not self.batch.generations:
+                    return
+                for step in self.batch.step():
+                    self._deliver(step)
+                if time.perf_counter() >= deadline:
+                    return
+        except Exception as error:  # a failure outside any one request: fail them all, keep serving
+            log.error("tinygpt: the batch failed", exc_info=error)
+            failure = ModelFailed(f"the model failed while generating: {_describe(error)}")
+            for generation in list(self.batch.generations):
+                generation.owner.fail(failure)
+            self.batch.clear()
+
+    def _deliver(self, step: Step) -> None:
+        """Hand one step to its request: convert it and ask stop_early; an ended request leaves the batch."""
+        request: _Request = step.generation.owner
+        if request.cancelled:
+            self.batch.remove(step.generation)
+            return
+        error = step.error
+        if error is None:
+            try:
+                # a greedy step takes the argmax of NaN without complaint: refuse to return garbage
+                if not step.finite:
+                    raise ModelFailed("the model failed while generating: its probabilities are not finite "
+                                      "numbers (are its weights NaN or infinite?)")
+                request.push(request.convert(step.ids, step.probs))
+                self.generated_tokens += step.ids.numel()
+                stopped = request.stop_early is not None and request.stop_early()
+            except Exception as e:
+                error = e
+        if error is not None:
+            if not isinstance(error, TinyGPTError):
+                log.error("tinygpt: the model failed while generating", exc_info=error)
+                error = ModelFailed(f"the model failed while generating: {_describe(error)}")
+            request.fail(error)
+            self.batch.remove(step.generation)
+        elif stopped or step.done:
+            request.finish()
+            self.batch.remove(step.generation)
 
     def attention(self, text: str, query: int | None, following: Sequence[int] = ()) -> dict[str, Any]:
         """Attention weights over the last block_size tokens of text (followed by the token ids

@@ -177,6 +177,10 @@ def hf_target(config: ModelConfig) -> str:
         problems.append(f"norm=post ({target} has pre-norm blocks only)")
     if config.lm_head_bias:
         problems.append(f"lm_head_bias=true ({target}'s LM head has no bias)")
+    if config.qk_norm:
+        problems.append(f"qk_norm=true ({target} has no query/key norm)")
+    if config.logit_softcap:
+        problems.append(f"logit_softcap={config.logit_softcap:g} ({target} does not cap its logits)")
     if problems:
         raise ExportError("no exact Hugging Face architecture for this run: " + "; ".join(problems))
     return target

@@ -69,21 +69,33 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype: torch.dtype):
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, block, hd)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.layer_keys = self.keys.unbind(0)  # per-layer views (B, nh, block, hd): no indexing per step
-        self.layer_values = self.values.unbind(0)
-        self.size = config.block_size
+        self.use(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @classmethod
+    def sharing(cls, keys: torch.Tensor, values: torch.Tensor) -> KVCache:
+        """A cache held in the given buffers (L, B, nh, block, hd): views into a larger one
+        (batching.py prefills a request straight into its rows of the batch's cache)."""
+        cache = cls.__new__(cls)
+        cache.use(keys, values)
+        return cache
+
+    def use(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values  # (L, B, nh, block, hd)
+        self.layer_keys = keys.unbind(0)  # per-layer views (B, nh, block, hd): no indexing per step
+        self.layer_values = values.unbind(0)
+        self.size = keys.size(3)
         self.first = 0  # the first position of the last prefill
 
     def reset(self, first_position: int = 0) -> None:
         """Forget what is held: the next store is the prefill of positions from first_position."""
         self.first = first_position
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              start: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Store keys/values (B, nh, T, hd) of positions start..start+T-1 and return what the
         new queries attend to: when prefilling (T > 1, right after reset), the new keys
-        themselves (the caller masks them); when decoding (T == 1), every key held."""
+        themselves (the caller masks them); when decoding (T == 1), every key held. The
+        third item, a mask of the keys each row holds, is None: every row holds them all."""
         T = k.size(2)
         keys, values = self.layer_keys[layer], self.layer_values[layer]
         offset = start - self.first  # positions stored before these since the prefill
@@ -97,14 +109,14 @@ class KVCache:
                 slots = torch.arange(offset + T - keep, offset + T, device=k.device) % self.size
                 keys.index_copy_(2, slots, k[:, :, T - keep:].to(keys.dtype))
                 values.index_copy_(2, slots, v[:, :, T - keep:].to(values.dtype))
-            return k, v
+            return k, v, None
         slot = offset % self.size
         keys[:, :, slot:slot + 1].copy_(k)
         values[:, :, slot:slot + 1].copy_(v)
         held = min(offset + 1, self.size)
         # slot order is not position order once the buffer rolls; one query attending to
         # every key needs no mask, and the softmax does not care about the order
-        return keys[:, :, :held], values[:, :, :held]  # (B, nh, held, hd)
+        return keys[:, :, :held], values[:, :, :held], None  # (B, nh, held, hd)
 
 
 def sample_next(
@@ -117,6 +129,14 @@ def sample_next(
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)  # (B,)
+    probs = sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution (B, V) sample_next draws from, for float logits (B, V) and a
+    temperature above 0. Row by row: batching.py computes it once for many requests' rows."""
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -129,7 +149,7 @@ def sample_next(
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+    return probs
 
 
 SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): what torch.Generator.manual_seed takes without wrapping
@@ -172,7 +192,7 @@ def generate_ids(
         return sample_next(logits, temperature, top_k, top_p, generator)
 
     # batch-1 steps may read per-core weight copies, dropped at the end
-    with _eval_mode(model), speed.decoding(model):
+    with eval_mode(model), speed.decoding(model):
         for next_ids, next_logits in _steps(model, prompt, max_new_tokens, num_samples, use_cache, choose):
             yield (next_ids, next_logits.float().softmax(dim=-1)) if with_probs else next_ids
 
@@ -181,7 +201,7 @@ _generating: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model ->
 
 
 @contextlib.contextmanager
-def _eval_mode(model: GPT):
+def eval_mode(model: GPT):
     """Eval mode while any generation on the model is open; the mode the model had before
     the first one opened comes back when the last one closes (generations may interleave)."""
     depth, mode = _generating.get(model, (0, model.training))
@@ -198,6 +218,25 @@ def _eval_mode(model: GPT):
             _generating[model] = (depth - 1, mode)
 
 
+def window_start(config: ModelConfig, length: int, start: int) -> tuple[int, bool]:
+    """Where the context that predicts token `length` starts, given where the previous one
+    started (this module's window rule), and whether it moved in a way a cache cannot follow
+    (learned positions when the context is full: every position shifts, so prefill again)."""
+    block = config.block_size
+    if config.positions == "rope":
+        return max(0, length - (config.n_layer * (block - 1) + 1)), False  # the characters a prediction depends on
+    if length - start > block:  # learned: the context is full, keep its last half
+        return length - max(1, block // 2), True
+    return start, False
+
+
+def first_start(config: ModelConfig, prompt_length: int) -> int:
+    """Where the context starts for the first prediction after a prompt of this many tokens."""
+    if config.positions == "rope":
+        return window_start(config, prompt_length, 0)[0]
+    return max(0, prompt_length - config.block_size)
+
+
 @torch.inference_mode()
 def _steps(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: int, use_cache: bool, choose):
     """Each step's chosen ids (B,) and the logits (B, V) they were chosen from, following the
@@ -205,22 +244,18 @@ def _steps(model: GPT, prompt: list[int], max_new_tokens: int, num_samples: int,
     config = model.config
     parameter = next(model.parameters())
     device = parameter.device
-    block = config.block_size
     rotary = config.positions == "rope"
-    reach = config.n_layer * (block - 1) + 1  # characters a rotary prediction depends on
     n = len(prompt)
     # every character of every sample: a step writes one column in place; the buffer
     # doubles when full (rarely: max_new_tokens may be far more than a caller reads)
     tokens = torch.empty((num_samples, n + min(max_new_tokens, BUFFER_STEPS)), dtype=torch.long, device=device)
     tokens[:, :n] = torch.tensor(prompt, dtype=torch.long, device=device)
     cache = KVCache(config, num_samples, device, parameter.dtype) if use_cache else None
-    start = max(0, n - (reach if rotary else block))  # the context is tokens[:, start:length]
+    start = first_start(config, n)  # the context is tokens[:, start:length]
     prefilled = False
     for length in range(n, n + max_new_tokens):
-        if rotary:
-            start = max(0, length - reach)
-        elif length - start > block:  # learned: the context is full, keep its last half
-            start, prefilled = length - max(1, block // 2), False
+        start, moved = window_start(config, length, start)
+        prefilled = prefilled and not moved
         # rotary positions are absolute (only distances matter); learned ones count from start
         offset = 0 if rotary else start
         if cache is None:

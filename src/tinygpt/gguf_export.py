@@ -91,6 +91,11 @@ def architecture_for(config: ModelConfig) -> str:
         raise ExportError(f"norm={config.norm} (post-LN blocks) has no exact GGUF target: {graph} is pre-LN")
     if config.lm_head_bias:
         raise ExportError(f"lm_head_bias=true has no exact GGUF target: {graph} has no output bias")
+    if config.qk_norm:
+        raise ExportError(f"qk_norm=true has no exact GGUF target: {graph} has no query/key norm")
+    if config.logit_softcap:
+        raise ExportError(f"logit_softcap={config.logit_softcap:g} has no exact GGUF target: "
+                          f"{graph} does not cap its logits")
     if config.activation != "gelu":
         raise ExportError(f"activation={config.activation} has no exact GGUF target: {graph} hard-codes GELU")
     if config.norm_type != "layernorm":

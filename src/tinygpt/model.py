@@ -56,6 +56,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)  # on the attention weights (explicit form)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # queries and keys at unit RMS per head: attention logits cannot grow with the weights
+        self.qk_norm = nn.RMSNorm(self.head_size, eps=1e-6) if config.qk_norm else None
         self.explicit = False  # train with the written-out form below (speed.py decides, per device)
         self.record_attention = False  # keep the weights for GPT.attention_maps()
         self.last_attention: torch.Tensor | None = None
@@ -66,10 +68,16 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hd)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q), self.qk_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.store(layer, k, v, start)  # (B, nh, S, hd): the S keys the queries see
+            # (B, nh, S, hd): the S keys the queries see; held (B, 1, 1, S) marks the keys each
+            # row holds when rows hold different numbers (batched decoding), else None
+            k, v, held = cache.store(layer, k, v, start)
+            if held is not None:
+                mask = held
         causal = mask is None and T > 1  # a single decoded query attends to every key: no mask
         if self.record_attention or (self.explicit and self.training):
             y = self.explicit_attention(q, k, v, mask, causal)  # (B, nh, T, hd)
@@ -98,11 +106,18 @@ class CausalSelfAttention(nn.Module):
 # ----------------------------------------------------------------------------- MLP and block
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2: as sparse as ReLU, smooth at zero."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.activation = {"gelu": nn.GELU, "relu": nn.ReLU, "relu2": ReLUSquared}[config.activation]()
         self.down = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -168,9 +183,11 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        if self.config.scaled_residual_init:
-            for block in self.blocks:
-                for projection in (block.attn.proj, block.mlp.down):
+        for block in self.blocks:
+            for projection in (block.attn.proj, block.mlp.down):
+                if self.config.zero_init_proj:  # each block starts as the identity: x + 0
+                    nn.init.zeros_(projection.weight)
+                elif self.config.scaled_residual_init:
                     nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def num_parameters(self) -> int:
@@ -187,22 +204,34 @@ class GPT(nn.Module):
         T = context or self.config.block_size
         return 6 * self.matmul_parameters() + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def forward(self, idx, targets=None, *, start: int = 0, cache=None, last_only: bool = False):
+    def forward(self, idx, targets=None, *, start: int | torch.Tensor = 0, cache=None, last_only: bool = False):
         """Logits (B, T, V) for tokens idx (B, T) at positions start..start+T-1 (only the last
-        position's, (B, 1, V), with last_only); with targets (B, T), also the mean cross-entropy."""
+        position's, (B, 1, V), with last_only); with targets (B, T), also the mean cross-entropy.
+        start may be a tensor (B,): each row at its own positions (batched decoding, T == 1)."""
         B, T = idx.shape
         config = self.config
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        per_row = isinstance(start, torch.Tensor)
+        if per_row:
+            positions = start[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            end = int(start.max()) + T
+        else:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+            end = start + T
         x = self.token_embedding(idx)  # (B, T, C)
         rotary = None
         if config.positions == "learned":
-            if start + T > config.block_size:
-                raise ValueError(f"positions up to {start + T} exceed block_size {config.block_size}")
-            x = x + self.position_embedding(positions)  # (B, T, C) + (T, C)
+            if end > config.block_size:
+                raise ValueError(f"positions up to {end} exceed block_size {config.block_size}")
+            x = x + self.position_embedding(positions)  # (B, T, C) + (T, C) or (B, T, C)
+        elif per_row:
+            cos, sin = self.rotary_tables(0, end)  # (end, hd/2): the tables cover every row's positions
+            rotary = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, hd/2): each row its angles
         else:
             rotary = self.rotary_tables(start, T)
         mask = None
         if T > config.block_size:
+            if per_row:
+                raise ValueError("per-row positions are for decoding: at most block_size tokens per row")
             # rotary only: each query sees the block_size most recent keys (itself included),
             # the same window a rolling KV cache keeps
             distance = positions[:, None] - positions[None, :]  # (T, T)
@@ -216,6 +245,8 @@ class GPT(nn.Module):
                 raise ValueError("last_only gives one position's logits: there is no loss to compute")
             x = x[:, -1:, :]  # generation needs the next token's logits only: (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
+        if config.logit_softcap > 0:  # smoothly bounded to (-cap, cap)
+            logits = config.logit_softcap * torch.tanh(logits / config.logit_softcap)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))

@@ -36,8 +36,9 @@ def build_optimizers(model: torch.nn.Module, config: TrainConfig, device: torch.
 
 
 def learning_rate_at(iteration: int, config: TrainConfig, elapsed: float = 0.0) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr at max_iters (or at max_time
-    seconds, whichever comes first, when a time budget is set)."""
+    """Linear warmup, then constant, or cosine decay to min_lr at max_iters (or at max_time
+    seconds, whichever comes first, when a time budget is set), or wsd (warmup-stable-decay):
+    the peak rate until the last decay_fraction of the run, then a straight line to min_lr."""
     if iteration < config.warmup_iters:
         return config.learning_rate * (iteration + 1) / config.warmup_iters
     if config.schedule == "constant":
@@ -46,6 +47,9 @@ def learning_rate_at(iteration: int, config: TrainConfig, elapsed: float = 0.0) 
     progress = min(1.0, (iteration - config.warmup_iters) / decay_steps)
     if config.max_time > 0:
         progress = max(progress, min(1.0, elapsed / config.max_time))
+    if config.schedule == "wsd":
+        decayed = max(0.0, progress - (1 - config.decay_fraction)) / config.decay_fraction  # 0 -> 1
+        return config.learning_rate + min(1.0, decayed) * (config.min_lr - config.learning_rate)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 

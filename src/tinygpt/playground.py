@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tinygpt.engine import Engine, Sampling
 from tinygpt.serve import DONE, MAX_TOKENS_DESCRIPTION, APIError, check_sampling, event_stream, sse, stream_failure
+from tinygpt.server_metrics import ServerMetrics
 
 STATIC_DIR = Path(str(resources.files("tinygpt") / "static"))
 
@@ -72,7 +73,7 @@ def add_playground_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.post("/api/generate")
     async def generate(body: GenerateRequest):
-        return await _generate(engine, body)
+        return await _generate(engine, body, app.state.metrics)
 
     @app.post("/api/attention")
     async def attention(body: AttentionRequest) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def _step_converter(engine: Engine, sampling: Sampling, alternatives: int) -> Ca
     return convert
 
 
-async def _generate(engine: Engine, body: GenerateRequest) -> StreamingResponse:
+async def _generate(engine: Engine, body: GenerateRequest, metrics: ServerMetrics) -> StreamingResponse:
     check_sampling(engine.limits, body.max_tokens, 1)
     if body.alternatives > engine.limits.max_alternatives:
         raise APIError(400, f"alternatives is {body.alternatives}; at most {engine.limits.max_alternatives}",
@@ -117,6 +118,8 @@ async def _generate(engine: Engine, body: GenerateRequest) -> StreamingResponse:
     prompt_tokens = len(prompt_ids) if body.prompt else 0  # an empty prompt starts from a newline of its own
     sampling = Sampling(body.max_tokens, body.temperature, body.top_k or None, body.top_p, body.seed, 1)
     convert = _step_converter(engine, sampling, body.alternatives)
+
+    arrived = time.perf_counter()
 
     async def events() -> AsyncIterator[str]:
         started = time.perf_counter()
@@ -128,6 +131,8 @@ async def _generate(engine: Engine, body: GenerateRequest) -> StreamingResponse:
             try:
                 async with aclosing(engine.steps(prompt_ids, sampling, convert)) as steps:
                     async for results in steps:
+                        if count == 0:
+                            metrics.time_to_first_token.labels("/api/generate").observe(time.perf_counter() - arrived)
                         count += len(results)
                         yield "".join(sse(step) for step in results)
             except Exception as error:  # the model failed: say so, then end the stream as always

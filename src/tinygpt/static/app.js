@@ -91,10 +91,50 @@ function alternativesList(step) {
   return list;
 }
 
+// ---------------------------------------------------------------------------- the API key
+
+// A server started with --api-key answers 401 without `Authorization: Bearer KEY`. The page
+// then asks for the key once and keeps it in sessionStorage: for this tab only, gone when it
+// closes, never written to disk by the page.
+const KEY_STORAGE = "tinygpt-api-key";
+
+function withKey(options = {}) {
+  const key = sessionStorage.getItem(KEY_STORAGE);
+  return key ? { ...options, headers: { ...options.headers, Authorization: `Bearer ${key}` } } : options;
+}
+
+// the key the person types into the key form (shown until then), stored for the next requests
+function askForKey(message) {
+  const form = $("key-form");
+  $("key-message").textContent = message;
+  form.hidden = false;
+  $("api-key").value = "";
+  $("api-key").focus();
+  return new Promise((resolve) => {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      sessionStorage.setItem(KEY_STORAGE, $("api-key").value);
+      form.hidden = true;
+      resolve();
+    }, { once: true });
+  });
+}
+
+// fetch, with the key when there is one; a 401 asks for the key and sends the request again
+async function api(path, options = {}) {
+  for (;;) {
+    const response = await fetch(path, withKey(options));
+    if (response.status !== 401) return response;
+    const hadKey = sessionStorage.getItem(KEY_STORAGE) !== null;
+    sessionStorage.removeItem(KEY_STORAGE);
+    await askForKey(hadKey ? "That key was refused; try again." : "This server needs its API key.");
+  }
+}
+
 // ---------------------------------------------------------------------------- start-up
 
 async function loadInfo() {
-  const response = await fetch("/api/info");
+  const response = await api("/api/info");
   if (!response.ok) {
     $("model-info").textContent = `could not load the model: ${await errorMessage(response)}`;
     return;
@@ -172,7 +212,7 @@ async function generate(event) {
   $("stop").disabled = false;
   setStatus("generating…");
   try {
-    const response = await fetch("/api/generate", {
+    const response = await api("/api/generate", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -307,7 +347,7 @@ async function loadAttention() {
     // again, could give other tokens (a BPE merges across them) than the model saw
     const ids = state.steps.slice(0, index).map((s) => s.id);
     $("attention-caption").textContent = "loading attention…";
-    const response = await fetch("/api/attention", {
+    const response = await api("/api/attention", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ text: state.prompt, ids, query: -1 }),
