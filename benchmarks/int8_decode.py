@@ -99,7 +99,7 @@ def quality(run_dir: str, data_dir: str) -> None:
     print("| weights | val bits/char | val bits/byte |\n|---|---|---|")
     for name, variant in (("float32", model), ("int8", int8_model(model))):
         result = evaluate_tokens(variant, tokens, tokenizer=tokenizer)
-        print(f"| {name} | {result.bits_per_char:.4f} | {result.bits_per_byte:.4f} |")
+        print(f"| {name} | {result.bits_per_char:.5f} | {result.bits_per_byte:.5f} |")
 
 
 def main() -> None:

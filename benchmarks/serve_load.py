@@ -8,7 +8,8 @@ Starts `python -m tinygpt serve RUN_DIR` on a free loopback port, sends the requ
 `--clients` concurrent connections (alternately a plain and a streamed /v1/completions),
 and prints: errors, latency percentiles, time to the first streamed text, generated
 characters per second, and the server's resident memory before and after and after each
-quarter of the requests (flat memory means no request leaks anything). Without RUN_DIR it
+quarter of the requests (flat memory means no request leaks anything), and the server's CPU
+time (all its threads) per request. Without RUN_DIR it
 builds a run of the `cpu` preset's shape (trained for one step: speed does not depend on
 what the weights learned). `--source` serves from another source tree (its `src` folder, on
 PYTHONPATH) with the same Python, to compare two versions of the server on one run.
@@ -85,6 +86,12 @@ def rss_kib(pid: int) -> dict[str, int]:
         if name in ("VmRSS", "VmHWM"):
             fields[name] = int(value.split()[0])
     return fields
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far (user + system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def free_port() -> int:
@@ -189,7 +196,7 @@ def main() -> int:
                         raise SystemExit("the server did not start") from None
                     time.sleep(0.2)
             asyncio.run(load(url, model, 4, 20, args.max_tokens))  # warm up: first calls allocate buffers
-            before = rss_kib(server.pid)
+            before, cpu_before = rss_kib(server.pid), cpu_seconds(server.pid)
             quarters: list[float] = []
 
             def sample_memory(done: int) -> None:
@@ -198,7 +205,7 @@ def main() -> int:
 
             results, seconds = asyncio.run(
                 load(url, model, args.clients, args.requests, args.max_tokens, sample_memory))
-            after = rss_kib(server.pid)
+            after, server_cpu = rss_kib(server.pid), cpu_seconds(server.pid) - cpu_before
             health = httpx.get(f"{url}/health").json()
         finally:
             server.terminate()
@@ -220,6 +227,7 @@ def main() -> int:
     if firsts:
         print(f"first text p50 / p99:  {percentile(firsts, 50):.0f} / {percentile(firsts, 99):.0f} ms (streamed)")
     print(f"generated:             {tokens:,} characters, {tokens / seconds:,.0f} characters/s")
+    print(f"server CPU time:       {server_cpu:.1f} s, {server_cpu * 1000 / max(1, len(done)):.1f} ms per request")
     print(f"server RSS before:     {before['VmRSS'] / 1024:.1f} MiB")
     print(f"server RSS after:      {after['VmRSS'] / 1024:.1f} MiB  (peak {after['VmHWM'] / 1024:.1f} MiB, "
           f"change {(after['VmRSS'] - before['VmRSS']) / 1024:+.1f} MiB)")
@@ -235,6 +243,7 @@ def main() -> int:
             "characters_per_second": tokens / seconds, "latency_ms": {q: percentile(latencies, q) for q in (50, 99)},
             "first_text_ms": {q: percentile(firsts, q) for q in (50, 99)} if firsts else None,
             "mean_latency_ms": mean, "rss_mib_before": before["VmRSS"] / 1024, "rss_mib_after": after["VmRSS"] / 1024,
+            "server_cpu_seconds": server_cpu,
             "rss_mib_by_quarter": quarters,
         }
         with open(args.json, "a", encoding="utf-8") as out:
