@@ -1,6 +1,6 @@
 """int8 decoding against float32 and against the reference implementation's `generate`.
 
-    git --git-dir=/work/.mirror/karpathy+nanoGPT/repo show HEAD:model.py > /tmp/nanoGPT/model.py
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT && git -C /tmp/nanoGPT checkout 3adf61e1
     .venv/bin/python benchmarks/int8_decode.py --reference /tmp/nanoGPT [--rounds 3] [--threads N]
     .venv/bin/python benchmarks/int8_decode.py --quality RUN_DIR DATA_DIR   # bits/char, float32 vs int8
 

@@ -4,11 +4,12 @@ gets the text it would get alone."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import torch
 
-from tinygpt.batching import FIRST_ROWS, Batch
+from tinygpt.batching import FIRST_ROWS, Batch, SlotCache
 from tinygpt.config import ModelConfig
 from tinygpt.engine import Engine, Limits, ModelFailed, Sampling
 from tinygpt.generate import generate_ids
@@ -162,6 +163,49 @@ def test_per_row_positions_give_each_row_its_own_logits():
                 torch.testing.assert_close(together[row], apart[0], rtol=0, atol=TOLERANCE)
 
 
+def test_a_prefill_that_cannot_grow_the_cache_fails_its_generation_only(monkeypatch):
+    model = small_model("rope")
+    grow = SlotCache.grow
+
+    def grow_until_full(self, rows):
+        if rows > FIRST_ROWS:
+            raise torch.OutOfMemoryError("out of memory for more rows")
+        grow(self, rows)
+
+    monkeypatch.setattr(SlotCache, "grow", grow_until_full)
+    batch = Batch(model)
+    # eight rows fill the first buffer; the last request's prefill needs a ninth
+    order = [0, 1, 2, 4, 3]
+    for index in order:
+        prompt, n, steps, temperature, top_k, top_p, seed = REQUESTS[index]
+        batch.add(prompt, n, steps, temperature, top_k, top_p, seed, owner=index)
+    made: dict[int, list] = {index: [] for index in order}
+    failed = []
+    while batch.generations:
+        for result in batch.step():
+            if result.error is not None:
+                failed.append((result.generation.owner, type(result.error)))
+            else:
+                made[result.generation.owner].append(result.ids.tolist())
+    assert failed == [(3, torch.OutOfMemoryError)] and made[3] == []
+    for index in (0, 1, 2, 4):
+        assert made[index] == [ids.tolist() for ids, _ in alone(model, REQUESTS[index])]
+    assert batch.rows == 0
+
+
+def test_a_generation_that_cannot_make_the_cache_leaves_no_mode_held(monkeypatch):
+    model = small_model("rope").train()
+
+    def no_memory(self, rows):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(SlotCache, "grow", no_memory)
+    batch = Batch(model)
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.add([1, 2], 1, 4)
+    assert model.training and batch.generations == []  # eval mode was not entered for it
+
+
 # ----------------------------------------------------------------------------- through the engine
 
 
@@ -300,3 +344,66 @@ def test_a_request_gets_its_first_step_at_once_and_the_rest_paced():
 
     asyncio.run(scenario())
     assert [len(d) for d in deliveries] == [1, request[2] - 1]  # the first token, then everything at the end
+
+
+def test_a_request_that_cannot_join_the_batch_fails_alone_and_the_others_go_on(monkeypatch, caplog):
+    model = small_model("rope")
+    engine = engine_for(model, time_slice=0)
+    add = Batch.add
+    unlucky = ([1, 2], 2, BLOCK, 1.0, None, None, 99)
+
+    def add_out_of_memory(self, *args, **kwargs):
+        if args[6] == unlucky[6]:  # its seed
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(Batch, "add", add_out_of_memory)
+
+    async def failing():
+        with pytest.raises(ModelFailed, match="adding the request to the batch: OutOfMemoryError: CUDA out of memory"):
+            await generate(engine, unlucky)
+
+    async def scenario():
+        # without a failure of its own, the request would wait for its steps forever
+        return await asyncio.wait_for(
+            asyncio.gather(generate(engine, REQUESTS[0]), failing(), generate(engine, REQUESTS[3])), 60)
+
+    with caplog.at_level(logging.ERROR, logger="tinygpt.engine"):
+        first, _, second = asyncio.run(scenario())
+    assert first == [ids.tolist() for ids, _ in alone(model, REQUESTS[0])]
+    assert second == [ids.tolist() for ids, _ in alone(model, REQUESTS[3])]
+    assert (engine.completed, engine.failed, engine.active, engine.active_sequences) == (2, 1, 0, 0)
+    assert any(record.exc_info and record.exc_info[0] is torch.OutOfMemoryError for record in caplog.records)
+
+
+def test_a_batch_that_fails_fails_every_request_in_it_and_a_fresh_batch_serves_the_next(monkeypatch, caplog):
+    model = small_model("rope").train()
+    engine = engine_for(model, time_slice=0)
+    draw = Batch._draw
+    broken = []
+
+    def draw_and_break(self, steps):
+        if len(self.generations) == 3 and not broken:
+            broken.append(True)
+            self.owners.clear()  # the rows' bookkeeping is left inconsistent: removing them fails too
+            raise RuntimeError("a bug in the batch")
+        draw(self, steps)
+
+    monkeypatch.setattr(Batch, "_draw", draw_and_break)
+    in_the_batch = [REQUESTS[0], REQUESTS[1], REQUESTS[3]]  # long enough for all three to join
+
+    async def failing(request):
+        with pytest.raises(ModelFailed, match="while generating: RuntimeError: a bug in the batch"):
+            await generate(engine, request)
+
+    async def scenario():
+        await asyncio.wait_for(asyncio.gather(*(failing(request) for request in in_the_batch)), 60)
+        return await asyncio.wait_for(generate(engine, REQUESTS[4]), 60)
+
+    with caplog.at_level(logging.ERROR, logger="tinygpt.engine"):
+        after = asyncio.run(scenario())
+    assert broken == [True]
+    assert after == [ids.tolist() for ids, _ in alone(model, REQUESTS[4])]
+    assert (engine.completed, engine.failed, engine.active, engine.active_sequences) == (1, 3, 0, 0)
+    assert model.training  # the failed batch's eval mode was given back
+    assert any(record.exc_info and record.exc_info[0] is RuntimeError for record in caplog.records)

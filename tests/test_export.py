@@ -220,7 +220,9 @@ def test_a_missing_corrupt_or_foreign_run_is_one_line(tmp_path, damage, message)
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("options", [cpu_preset_options(), dict(positions="learned", tie_embeddings=True)])
+@pytest.mark.parametrize("options", [cpu_preset_options(), dict(positions="learned", tie_embeddings=True),
+                                     dict(positions="rope", qk_norm=True, logit_softcap=2.0, activation="relu2",
+                                          zero_init_proj=True)])
 def test_onnxruntime_gives_our_logits_for_any_length_up_to_the_block_size(tmp_path, options):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")

@@ -11,7 +11,7 @@ from helpers import assert_ok, run_cli
 from tinygpt.config import ModelConfig
 from tinygpt.generate import generate_ids
 from tinygpt.model import GPT
-from tinygpt.quantize import int8_model
+from tinygpt.quantize import Int8Linear, int8_model
 from tinygpt.tokenizer import CharTokenizer
 
 SIZES = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -36,6 +36,16 @@ def test_every_linear_is_quantized_and_the_original_is_untouched():
     # int8 rounding moves the logits a little, not a lot
     assert not torch.equal(exact, rounded)
     assert (exact - rounded).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_layers_the_kernel_cannot_take_stay_float32():
+    # n_embd 40: Linears reading 40 inputs stay float32; the MLP's down projection reads 160
+    quantized = int8_model(GPT(ModelConfig(vocab_size=20, **{**SIZES, "n_embd": 40})).eval())
+    block = quantized.blocks[0]
+    assert all(isinstance(m, nn.Linear) for m in (block.attn.qkv, block.attn.proj, block.mlp.up, quantized.lm_head))
+    assert isinstance(block.mlp.down, Int8Linear)
+    with torch.no_grad():
+        assert quantized(torch.randint(0, 20, (1, 8)))[0].isfinite().all()
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])

@@ -219,3 +219,69 @@ def test_config_file_errors_name_missing_and_undecodable_files(data, tmp_path, r
     refused(["train", "--data", data, "--out", tmp_path / "run", "--preset", "cpu", "--config",
              write_text(tmp_path / "t.toml", 'preset = "tiny"\n')], "differ: give one")
     refused(["presets", "--show", "huge"], "unknown preset 'huge'")
+
+
+def in_process_plan(data: Path, grid: list[str]) -> SweepPlan:
+    from tinygpt.config import apply_overrides
+
+    model, train = get_preset("tiny")
+    apply_overrides(model, train, [f"{k}={v}" for k, v in {**FIXED, "eval_interval": 20, "eval_iters": 2}.items()])
+    return plan_sweep(data, model, train, grid, seeds=1, budget=1.5)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(data, tmp_path, monkeypatch):
+    import tinygpt.train
+    from tinygpt.sweep import run_sweep
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill at the first evaluation: before any checkpoint
+    plan = in_process_plan(data, ["n_layer=1"])
+    monkeypatch.setattr(tinygpt.train, "evaluate_and_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, tmp_path / "sweep", device="cpu", progress=False, log=lambda *a: None)
+    run = tmp_path / "sweep" / "n_layer=1-s1337"
+    assert (run / "config.json").is_file() and not (run / "last.json").exists()
+    monkeypatch.undo()
+    state = run_sweep(plan, tmp_path / "sweep", device="cpu", progress=False, log=lambda *a: None)
+    assert state.results["n_layer=1-s1337"]["val_bits_per_char"] > 0
+
+
+def test_a_diverging_combination_is_recorded_and_the_sweep_goes_on(data, tmp_path, monkeypatch):
+    import tinygpt.train
+    from tinygpt.errors import TrainingDiverged
+    from tinygpt.sweep import run_sweep
+
+    real_train = tinygpt.train.train
+
+    def train(data_dir, run_dir, model_config, train_config, **kwargs):
+        if model_config.n_layer == 1:
+            raise TrainingDiverged("the loss became nan near iteration 3")
+        return real_train(data_dir, run_dir, model_config, train_config, **kwargs)
+    monkeypatch.setattr(tinygpt.train, "train", train)
+    plan = in_process_plan(data, ["n_layer=1,2"])
+    lines: list[str] = []
+    state = run_sweep(plan, tmp_path / "sweep", device="cpu", progress=False, log=lines.append)
+    assert state.results["n_layer=1-s1337"]["diverged"] is True
+    assert state.results["n_layer=2-s1337"]["val_bits_per_char"] > 0
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| n_layer=1 | - | 1/1 (1 diverged) |" in table and "| n_layer=2 | **" in table
+    assert any("n_layer=1-s1337 diverged" in line for line in lines)
+    again: list[str] = []
+    run_sweep(plan, tmp_path / "sweep", device="cpu", progress=False, log=again.append)
+    assert not any(line.startswith("sweep: run") for line in again)  # nothing retried or retrained
+
+
+def test_init_from_with_a_config_file_takes_training_keys_only(data, tmp_path, refused):
+    source = tmp_path / "source"
+    assert_ok(run_cli("train", "--data", data, "--out", source, "--preset", "tiny", "--max-iters", "4",
+                      "--no-progress", *SWEEP_SETS))
+    with_model = write_text(tmp_path / "model.toml", 'preset = "tiny"\n[model]\nn_layer = 1\n')
+    refused(["train", "--data", data, "--out", tmp_path / "tuned", "--init-from", source, "--config", with_model],
+            "has a [model] table", "--init-from")
+    assert not (tmp_path / "tuned").exists()
+    train_only = write_text(tmp_path / "train.toml", 'preset = "tiny"\n[train]\nmax_iters = 3\nlearning_rate = 1e-4\n')
+    assert_ok(run_cli("train", "--data", data, "--out", tmp_path / "tuned", "--init-from", source, "--config",
+                      train_only, "--no-progress", *SWEEP_SETS))
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert saved["train"]["max_iters"] == 3 and saved["train"]["learning_rate"] == 1e-4
+    assert f"--init-from {source}" in (tmp_path / "tuned" / "config.toml").read_text()

@@ -192,11 +192,11 @@ class Batch:
         tokens[:, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=parameter.device)
         generation = Generation(tokens, len(prompt), max_tokens, temperature, top_k, top_p, generator, owner,
                                 start=first_start(self.model.config, len(prompt)))
+        if self.cache is None:  # before the modes: a cache that cannot be made leaves none held
+            self.cache = SlotCache(self.model.config, parameter.device, parameter.dtype)
         if not self.generations:
             self.modes.enter_context(eval_mode(self.model))
             self.modes.enter_context(speed.decoding(self.model))
-        if self.cache is None:
-            self.cache = SlotCache(self.model.config, parameter.device, parameter.dtype)
         self.generations.append(generation)
         return generation
 
@@ -227,8 +227,8 @@ class Batch:
             last = self.count - 1
             if hole != last:
                 self.cache.move(last, hole)
-                owner, choice = self.owners[hole] = self.owners[last]
-                owner.rows[choice] = hole
+                moved, choice = self.owners[hole] = self.owners[last]
+                moved.rows[choice] = hole
             self.owners.pop()
             self.count -= 1
         generation.rows = []
@@ -268,11 +268,11 @@ class Batch:
 
     def _prefill(self, generation: Generation) -> Step:
         """Run a generation's context through the model into its new rows (its own batch of n)."""
-        self._take_rows(generation)
         position = generation.start - self._offset(generation)
-        cache = self.cache.prefill_cache(generation.rows[0], generation.n)
-        cache.reset(position)
         try:
+            self._take_rows(generation)  # the cache may grow: out of memory fails this generation only
+            cache = self.cache.prefill_cache(generation.rows[0], generation.n)
+            cache.reset(position)
             logits, _ = self.model(generation.tokens[:, generation.start:generation.length], start=position,
                                    cache=cache, last_only=True)
         except Exception as error:  # this generation fails; the others go on

@@ -61,7 +61,7 @@ from the file (its [model] and [train] over the preset it names) instead of a pr
     if getattr(args, "init_from", None) and not (last is not None and last.is_file()):
         from tinygpt.train import init_from_configs
 
-        preset_train = (load_config_file(config_file, args.preset)[1] if config_file is not None
+        preset_train = (load_config_file(config_file, args.preset, model_table=False)[1] if config_file is not None
                         else get_preset(args.preset)[1] if args.preset is not None else None)
         model_config, train_config = init_from_configs(Path(args.init_from), preset_train, args.set or [])
     elif args.preset is None and config_file is None and last is not None and last.is_file():

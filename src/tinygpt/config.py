@@ -296,10 +296,15 @@ def config_toml(model: ModelConfig, train: TrainConfig, preset: str | None = Non
     return "\n".join(lines) + "\n"
 
 
-def load_config_file(path: str | Path, preset: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+def load_config_file(path: str | Path, preset: str | None = None,
+                     model_table: bool = True) -> tuple[ModelConfig, TrainConfig]:
     """The configs a TOML file describes: its [model] and [train] tables over the preset it
-    names (or `preset`, else cpu). Every key must be known and of its field's type."""
-    import tomllib
+    names (or `preset`, else cpu). Every key must be known and of its field's type. With
+    model_table=False (fine-tuning: the model is the run's) a [model] table is refused."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser, from PyPI
+        import tomli as tomllib
 
     path = Path(path)
     try:
@@ -325,6 +330,9 @@ def load_config_file(path: str | Path, preset: str | None = None) -> tuple[Model
         tables[table] = data.get(table, {})
         if not isinstance(tables[table], dict):
             raise ConfigError(f"the config file {str(path)!r}: {table} must be a table ([{table}])")
+    if not model_table and "model" in data:
+        raise ConfigError(f"the config file {str(path)!r} has a [model] table, but --init-from takes the model "
+                          f"from its run: remove the table (training keys stay)")
     if "vocab_size" in tables["model"]:
         raise ConfigError(f"the config file {str(path)!r} sets vocab_size; it comes from the data: remove it")
     try:

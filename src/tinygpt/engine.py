@@ -24,9 +24,17 @@ It knows nothing of HTTP. `serve.py` (the OpenAI-compatible adapter) and `playgr
 5. When the model itself fails (it raises on the model thread, or its probabilities or
    attention weights are not finite numbers, as with NaN weights) the request gets
    `ModelFailed`, whose message names what failed (the traceback goes to the log, not to
-   the client). A prefill or a draw that fails ends its own request only; a batched decode
-   step that raises ends every request in that step. Their slots are released as for any
-   other ending, and the model thread and the engine go on serving the next request.
+   the client). What a failure ends:
+   - its own request only: its prefill failing (the forward pass, or room for its rows in
+     the cache), its draw from its own generator failing, its probabilities not finite, its
+     `convert` or `stop_early` raising, or its not being able to join the batch;
+   - every request of that step that samples alike (the same temperature, top-k and top-p):
+     their sampling distribution (`sampling_probs`) is computed once for all of them;
+   - every request of that step's batched decode: one forward pass for all of them;
+   - every request in the batch: any other failure of a trip; the engine then starts a
+     fresh batch.
+   Their slots are released as for any other ending, and the model thread and the engine go
+   on serving the next request.
 
 Scheduling (who gets the model thread, for how long, which requests are in the batch) lives here only.
 The per-request text state of a completion (`Choice`: stop sequences, text held back from
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -321,8 +330,13 @@ class Engine:
             request = self._joining.popleft()
             if not request.cancelled:
                 s = request.sampling
-                request.generation = self.batch.add(request.prompt_ids, s.n, s.max_tokens, s.temperature, s.top_k,
-                                                    s.top_p, s.seed, owner=request)
+                try:
+                    request.generation = self.batch.add(request.prompt_ids, s.n, s.max_tokens, s.temperature,
+                                                        s.top_k, s.top_p, s.seed, owner=request)
+                except Exception as error:  # popped but not in the batch: only this request knows it failed
+                    log.error("tinygpt: the model failed while adding a request to the batch", exc_info=error)
+                    request.fail(error if isinstance(error, TinyGPTError) else ModelFailed(
+                        f"the model failed while adding the request to the batch: {_describe(error)}"))
         for generation in list(self.batch.generations):
             if generation.owner.cancelled:
                 self.batch.remove(generation)
@@ -347,7 +361,11 @@ class Engine:
             failure = ModelFailed(f"the model failed while generating: {_describe(error)}")
             for generation in list(self.batch.generations):
                 generation.owner.fail(failure)
-            self.batch.clear()
+            # The failure may have left the batch's rows inconsistent, so removing its
+            # generations one by one could fail again: drop the whole batch instead.
+            with contextlib.suppress(Exception):
+                self.batch.modes.close()  # the model's mode back, the decode weight copies dropped
+            self.batch = Batch(self.model)
 
     def _deliver(self, step: Step) -> None:
         """Hand one step to its request: convert it and ask stop_early; an ended request leaves the batch."""

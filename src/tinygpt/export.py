@@ -17,8 +17,9 @@ All three are pre-norm blocks with an ungated MLP of 4 x n_embd and the same att
 key/value head per query head, scores scaled by 1/sqrt(head size), rotary angles from base
 10000 rotating the two halves of each head). Our activations map to transformers' "gelu"
 (torch's exact erf GELU; GPT-2's default "gelu_new" is the tanh approximation, which is not
-ours) and "relu". A bias our model lacks is exported as zeros: adding zero changes nothing.
-Options no target has (post-norm blocks, as in the seed preset; a biased LM head) are refused
+ours), "relu" and "relu2" (ReLU squared). A bias our model lacks is exported as zeros: adding zero changes nothing.
+Options no target has (post-norm blocks, as in the seed preset; a biased LM head; query/key
+norms; soft-capped logits) are refused
 with one line naming each option and the target that lacks it, and nothing is written.
 
 The tokenizer: a BPE run's `tokenizer.json` ships as it is. A character vocabulary ships as a
@@ -335,7 +336,7 @@ class LogitsGraph(torch.nn.Module):
         mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # query i sees keys 0..i
         for block in model.blocks:
             x = block(x, rotary, mask)
-        return model.lm_head(model.final_norm(x))  # (1, T, V)
+        return model.head(model.final_norm(x))  # (1, T, V)
 
 
 def export_onnx(model: GPT, path: Path) -> None:

@@ -190,6 +190,14 @@ class GPT(nn.Module):
                 elif self.config.scaled_residual_init:
                     nn.init.normal_(projection.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of final-normed states (B, T, C): the LM head, soft-capped if asked."""
+        logits = self.lm_head(x)  # (B, T, V)
+        cap = self.config.logit_softcap
+        if cap > 0:  # smoothly bounded to (-cap, cap)
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
     def num_parameters(self) -> int:
         """Every trainable number, a tied matrix counted once."""
         return sum(p.numel() for p in self.parameters())
@@ -244,9 +252,7 @@ class GPT(nn.Module):
             if targets is not None:
                 raise ValueError("last_only gives one position's logits: there is no loss to compute")
             x = x[:, -1:, :]  # generation needs the next token's logits only: (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V)
-        if config.logit_softcap > 0:  # smoothly bounded to (-cap, cap)
-            logits = config.logit_softcap * torch.tanh(logits / config.logit_softcap)
+        logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))

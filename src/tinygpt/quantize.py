@@ -24,6 +24,10 @@ from tinygpt.errors import ConfigError
 from tinygpt.model import GPT
 
 ACTIVATIONS = torch.bfloat16  # the kernel's input type: its float32 path is the slow one
+# The kernel crashes the process (a segmentation fault, torch 2.13 on x86) for some input widths
+# that are not a multiple of 8 and for 8 itself; a Linear whose input width is not a multiple of
+# this stays in float32.
+KERNEL_INPUTS = 32
 
 
 class Int8Linear(nn.Module):
@@ -32,9 +36,12 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # (out,)
-        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).to(torch.int8).contiguous())
-        self.register_buffer("scales", scales.to(ACTIVATIONS))
+        scales = weight.abs().amax(dim=1).clamp_min(1e-30) / 127  # (out,); an all-zero row keeps a normal scale
+        # round with the scale the kernel will multiply by (bfloat16's), not the exact one
+        scales = scales.to(ACTIVATIONS)
+        rows = torch.round(weight / scales.float()[:, None]).clamp(-127, 127)  # (out, in)
+        self.register_buffer("weight_int8", rows.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -46,7 +53,8 @@ class Int8Linear(nn.Module):
 
 
 def int8_model(model: GPT) -> GPT:
-    """An inference-only copy of `model` whose Linear layers hold int8 weights (CPU only)."""
+    """An inference-only copy of `model` whose Linear layers hold int8 weights (CPU only); a
+    Linear whose input width the kernel cannot take (see KERNEL_INPUTS) stays float32."""
     if next(model.parameters()).device.type != "cpu":
         raise ConfigError("--int8 decodes on the CPU (torch's int8 kernel for CPUs); pass --device cpu")
     if not hasattr(torch, "_weight_int8pack_mm"):
@@ -54,7 +62,7 @@ def int8_model(model: GPT) -> GPT:
     quantized = copy.deepcopy(model).eval().requires_grad_(False)
     for parent in list(quantized.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and child.in_features % KERNEL_INPUTS == 0:
                 setattr(parent, name, Int8Linear(child))
     quantized.decode_copies = False  # the per-core weight copies (speed.py) are for float weights
     return quantized

@@ -13,7 +13,8 @@ Resumable. DIR/sweep.json holds the plan and every finished run's scores; the sa
 again keeps each finished run as it is (nothing retrained, its files untouched), continues an
 interrupted run from its last checkpoint (`train --resume`: after a kill, the work since that
 checkpoint is lost and the budget counts on from that checkpoint's clock), and trains the rest.
-A different plan in the same DIR is refused: a sweep's rows must be comparable.
+A different plan in the same DIR is refused: a sweep's rows must be comparable. A run that
+diverges (a NaN loss) is recorded as diverged, shown so in the table, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from tinygpt.checkpoint import atomic_write_bytes, read_record
 from tinygpt.config import ModelConfig, TrainConfig, apply_overrides, known_keys
-from tinygpt.errors import ConfigError, TinyGPTError
+from tinygpt.errors import ConfigError, TinyGPTError, TrainingDiverged
 from tinygpt.experiments import plot_comparison, summarize_run
 
 SWEEP_FORMAT = "tinygpt-sweep"
@@ -227,16 +228,24 @@ def run_sweep(plan: SweepPlan, out: str | Path, device: str = "auto", progress: 
         log(f"sweep: run {number} of {len(runs)}: {name}; about {_duration(left * per_run)} left for the sweep")
         run_dir = state.out / name
         model_config, train_config = plan.configs(overrides, seed)
-        if not _training_done(run_dir, train_config):
-            result = train(plan.data, run_dir, model_config, train_config, device=device,
-                           resume=(run_dir / "last.json").is_file(), progress=progress, log=log)
-            if result.interrupted:
-                raise SweepInterrupted(f"stopped during {name}; its state is saved: run the same command "
-                                       f"again to continue the sweep")
-        started = time.perf_counter()
-        state.results[name] = {"combination": combination_name(overrides), "seed": seed,
-                               **_score(run_dir, plan.data, device)}
-        score_seconds.append(time.perf_counter() - started)
+        entry = {"combination": combination_name(overrides), "seed": seed}
+        try:
+            if not _training_done(run_dir, train_config):
+                # always --resume: a run killed before its first checkpoint starts again from 0
+                result = train(plan.data, run_dir, model_config, train_config, device=device, resume=True,
+                               progress=progress, log=log)
+                if result.interrupted:
+                    raise SweepInterrupted(f"stopped during {name}; its state is saved: run the same command "
+                                           f"again to continue the sweep")
+            started = time.perf_counter()
+            entry |= _score(run_dir, plan.data, device)
+            score_seconds.append(time.perf_counter() - started)
+        except TrainingDiverged as e:
+            # a combination that diverges is a result too: recorded, and the sweep goes on
+            log(f"sweep: {name} diverged: {e}")
+            entry |= {"diverged": True, "val_bits_per_char": None, "val_bits_per_byte": None, "iterations": None,
+                      "tokens_per_second": None}
+        state.results[name] = entry
         state.save()
         write_report(state)
         log(sweep_table(state))
@@ -258,12 +267,14 @@ def table_rows(state: SweepState) -> list[dict]:
     for overrides in state.plan.combinations:
         name = combination_name(overrides)
         done = [r for r in state.results.values() if r["combination"] == name]
-        scores = [r["val_bits_per_char"] for r in done]
-        speeds = [r["tokens_per_second"] for r in done if r["tokens_per_second"]]
+        trained = [r for r in done if not r.get("diverged")]
+        scores = [r["val_bits_per_char"] for r in trained]
+        speeds = [r["tokens_per_second"] for r in trained if r["tokens_per_second"]]
         rows.append({"combination": name, "seeds": len(done), "of": state.plan.seeds,
+                     "diverged": len(done) - len(trained),
                      "val_bits_per_char": statistics.mean(scores) if scores else None,
                      "spread": statistics.stdev(scores) if len(scores) > 1 else None,
-                     "iterations": statistics.mean(r["iterations"] for r in done) if done else None,
+                     "iterations": statistics.mean(r["iterations"] for r in trained) if trained else None,
                      "tokens_per_second": statistics.mean(speeds) if speeds else None})
     return rows
 
@@ -278,7 +289,8 @@ def sweep_table(state: SweepState) -> str:
             f" ± {r['spread']:.3f}" if r["spread"] is not None else "")
         if scored and r["val_bits_per_char"] == min(scored):
             score = f"**{score}**"
-        lines.append(f"| {r['combination']} | {score} | {r['seeds']}/{r['of']} | {_count(r['iterations'])} | "
+        seeds = f"{r['seeds']}/{r['of']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+        lines.append(f"| {r['combination']} | {score} | {seeds} | {_count(r['iterations'])} | "
                      f"{_count(r['tokens_per_second'])} |")
     return "\n".join(lines)
 
@@ -296,5 +308,6 @@ def write_report(state: SweepState) -> None:
             f"Score: the best checkpoint's loss over the whole validation split, in bits per character; "
             f"± is the sample standard deviation over seeds.\n\n{sweep_table(state)}\n")
     atomic_write_bytes(state.out / "sweep.md", text.encode("utf-8"))
-    summaries = [dataclasses.replace(summarize_run(state.out / name), run_dir=Path(name)) for name in state.results]
+    summaries = [dataclasses.replace(summarize_run(state.out / name), run_dir=Path(name))
+                 for name, result in state.results.items() if not result.get("diverged")]
     plot_comparison(summaries, state.out / "sweep.png", "seconds")

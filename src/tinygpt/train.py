@@ -500,9 +500,12 @@ def _write_run_files(run: Run, record: dict | None) -> None:
         {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
          "train": dataclasses.asdict(run.config),
          **({"init_from": run.init_from} if run.init_from else {})}, indent=1).encode())
+    source = run.init_from
     checkpoint.atomic_write_bytes(run.run_dir / "config.toml", config_toml(
         run.model_config, run.config, comment="the resolved configuration of this run: "
-        "`tinygpt train --config` with this file trains it again").encode())
+        "`tinygpt train --config` with this file trains it again" + (
+            f"\nstarted from the weights of {source['run']} ({source['checkpoint']} checkpoint, iteration "
+            f"{source['iteration']}): add --init-from {source['run']} and drop [model]" if source else "")).encode())
     checkpoint.atomic_write_bytes(run.run_dir / "tokenizer.json", run.tokenizer.file_text().encode("utf-8"))
     metrics_path = run.metrics_path
     if record is not None:
