@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -148,7 +149,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
         return results, time.perf_counter() - started
 
 
-def main() -> int:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", nargs="?", help="a trained run (default: build one of --preset's shape)")
     parser.add_argument("--preset", default="cpu")
@@ -163,56 +164,71 @@ def main() -> int:
     parser.add_argument("--build-run", metavar="DIR", help="only build a run of --preset's shape in DIR and exit")
     parser.add_argument("--model-speed", action="store_true",
                         help="first time generation in-process: 1 vs 2 torch threads, batch 1 vs 8")
-    args = parser.parse_args()
-    if args.build_run:
-        print(build_run(Path(args.build_run), args.preset))
-        return 0
+    return parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(args.run_dir) if args.run_dir else build_run(Path(tmp), args.preset)
-        if args.model_speed:
-            model_speed(run_dir)
-        if args.requests <= 0:
-            return 0
-        port = free_port()
-        command = [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",
-                   "--threads", str(args.threads), "--max-queue", str(max(64, args.clients))]
-        if args.max_active:
-            command += ["--max-active", str(args.max_active)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if args.source:
-            env["PYTHONPATH"] = str(Path(args.source).resolve())
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+@dataclasses.dataclass
+class Measured:
+    """What one load test measured of the server."""
+
+    results: list[dict]  # one per request: its latency, time to first text and tokens, or its error
+    seconds: float  # wall time of all the requests
+    rss_before: dict[str, int]  # KiB, after the warm-up
+    rss_after: dict[str, int]
+    server_cpu: float  # seconds of the server's CPU time over the requests
+    quarters: list[float]  # MiB resident after each quarter of the requests
+    health: dict  # the server's /health at the end
+
+
+def wait_for_server(server: subprocess.Popen, url: str) -> str:
+    """The served model's name, once the server answers /health (it has 120 s to start)."""
+    deadline = time.monotonic() + 120
+    while True:
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    model = httpx.get(f"{url}/health", timeout=2).json()["model"]
-                    break
-                except httpx.HTTPError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        print(server.stderr.read().decode(errors="replace") if server.stderr else "", file=sys.stderr)
-                        raise SystemExit("the server did not start") from None
-                    time.sleep(0.2)
-            asyncio.run(load(url, model, 4, 20, args.max_tokens))  # warm up: first calls allocate buffers
-            before, cpu_before = rss_kib(server.pid), cpu_seconds(server.pid)
-            quarters: list[float] = []
+            return httpx.get(f"{url}/health", timeout=2).json()["model"]
+        except httpx.HTTPError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print(server.stderr.read().decode(errors="replace") if server.stderr else "", file=sys.stderr)
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.2)
 
-            def sample_memory(done: int) -> None:
-                if done % max(1, args.requests // 4) == 0:
-                    quarters.append(rss_kib(server.pid)["VmRSS"] / 1024)
 
-            results, seconds = asyncio.run(
-                load(url, model, args.clients, args.requests, args.max_tokens, sample_memory))
-            after, server_cpu = rss_kib(server.pid), cpu_seconds(server.pid) - cpu_before
-            health = httpx.get(f"{url}/health").json()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+def measure(run_dir: Path, args: argparse.Namespace) -> Measured:
+    """Start the server on run_dir, warm it up, send the requests, and stop it."""
+    port = free_port()
+    command = [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", str(port), "--device", "cpu",
+               "--threads", str(args.threads), "--max-queue", str(max(64, args.clients))]
+    if args.max_active:
+        command += ["--max-active", str(args.max_active)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.source:
+        env["PYTHONPATH"] = str(Path(args.source).resolve())
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        model = wait_for_server(server, url)
+        asyncio.run(load(url, model, 4, 20, args.max_tokens))  # warm up: first calls allocate buffers
+        before, cpu_before = rss_kib(server.pid), cpu_seconds(server.pid)
+        quarters: list[float] = []
 
-    errors = [r["error"] for r in results if "error" in r]
-    done = [r for r in results if "error" not in r]
+        def sample_memory(done: int) -> None:
+            if done % max(1, args.requests // 4) == 0:
+                quarters.append(rss_kib(server.pid)["VmRSS"] / 1024)
+
+        results, seconds = asyncio.run(load(url, model, args.clients, args.requests, args.max_tokens, sample_memory))
+        after, server_cpu = rss_kib(server.pid), cpu_seconds(server.pid) - cpu_before
+        return Measured(results, seconds, before, after, server_cpu, quarters, httpx.get(f"{url}/health").json())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def report(args: argparse.Namespace, run_dir: Path, measured: Measured) -> int:
+    """Print the figures (and append them to --json); the number of requests that failed."""
+    seconds, before, after, quarters, health = (measured.seconds, measured.rss_before, measured.rss_after,
+                                                measured.quarters, measured.health)
+    errors = [r["error"] for r in measured.results if "error" in r]
+    done = [r for r in measured.results if "error" not in r]
     latencies = [r["latency"] * 1000 for r in done]
     firsts = [r["first"] * 1000 for r in done if r.get("first") is not None]
     tokens = sum(r["tokens"] for r in done)
@@ -227,7 +243,8 @@ def main() -> int:
     if firsts:
         print(f"first text p50 / p99:  {percentile(firsts, 50):.0f} / {percentile(firsts, 99):.0f} ms (streamed)")
     print(f"generated:             {tokens:,} characters, {tokens / seconds:,.0f} characters/s")
-    print(f"server CPU time:       {server_cpu:.1f} s, {server_cpu * 1000 / max(1, len(done)):.1f} ms per request")
+    print(f"server CPU time:       {measured.server_cpu:.1f} s, "
+          f"{measured.server_cpu * 1000 / max(1, len(done)):.1f} ms per request")
     print(f"server RSS before:     {before['VmRSS'] / 1024:.1f} MiB")
     print(f"server RSS after:      {after['VmRSS'] / 1024:.1f} MiB  (peak {after['VmHWM'] / 1024:.1f} MiB, "
           f"change {(after['VmRSS'] - before['VmRSS']) / 1024:+.1f} MiB)")
@@ -243,12 +260,27 @@ def main() -> int:
             "characters_per_second": tokens / seconds, "latency_ms": {q: percentile(latencies, q) for q in (50, 99)},
             "first_text_ms": {q: percentile(firsts, q) for q in (50, 99)} if firsts else None,
             "mean_latency_ms": mean, "rss_mib_before": before["VmRSS"] / 1024, "rss_mib_after": after["VmRSS"] / 1024,
-            "server_cpu_seconds": server_cpu,
+            "server_cpu_seconds": measured.server_cpu,
             "rss_mib_by_quarter": quarters,
         }
         with open(args.json, "a", encoding="utf-8") as out:
             out.write(json.dumps(figures) + "\n")
-    return 1 if errors else 0
+    return len(errors)
+
+
+def main() -> int:
+    args = parse_arguments()
+    if args.build_run:
+        print(build_run(Path(args.build_run), args.preset))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.run_dir) if args.run_dir else build_run(Path(tmp), args.preset)
+        if args.model_speed:
+            model_speed(run_dir)
+        if args.requests <= 0:
+            return 0
+        measured = measure(run_dir, args)
+    return 1 if report(args, run_dir, measured) else 0
 
 
 if __name__ == "__main__":
