@@ -35,3 +35,20 @@ def served(monkeypatch):
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
     return apps
+
+
+@pytest.fixture
+def refused(capsys, monkeypatch):
+    """Run `tinygpt ARGS` in this process; assert it fails with one line holding each fragment."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main() sets it for train: restored afterwards
+
+    from tinygpt.cli import main
+
+    def check(args: list, *fragments: str) -> None:
+        capsys.readouterr()
+        assert main([str(a) for a in args]) != 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        for fragment in fragments:
+            assert fragment in lines[0], lines[0]
+    return check

@@ -12,7 +12,6 @@ import torch
 
 from helpers import MIXED_TEXT, assert_ok, assert_one_line_error, run_cli, words_text, write_text
 from tinygpt.checkpoint import load_model
-from tinygpt.cli import main
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.data import prepare
 from tinygpt.distributed import Distributed
@@ -43,21 +42,6 @@ def workspace(tmp_path_factory) -> Path:
                                         ("other", "data2", tiny_configs())):
         train(root / data, root / name, model, config, device="cpu", progress=False, log=lambda *a: None)
     return root
-
-
-@pytest.fixture
-def refused(capsys, monkeypatch):
-    """Run `tinygpt ARGS` in this process; assert it fails with one line holding each fragment."""
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main() sets it for train: restored afterwards
-
-    def check(args: list, *fragments: str) -> None:
-        capsys.readouterr()
-        assert main([str(a) for a in args]) != 0
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        for fragment in fragments:
-            assert fragment in lines[0], lines[0]
-    return check
 
 
 # ----------------------------------------------------------------------------- compare

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_ok, run_cli, words_text, write_text
-from tinygpt.cli import main
 from tinygpt.config import PRESETS, get_preset, load_config_file
 from tinygpt.data import prepare
 from tinygpt.sweep import SweepPlan, SweepState, plan_sweep, sweep_table, table_rows
@@ -32,21 +31,6 @@ def data(tmp_path_factory) -> Path:
     write_text(root / "corpus" / "a.txt", words_text(1500, seed=4))
     prepare([str(root / "corpus")], root / "data", progress=False)
     return root / "data"
-
-
-@pytest.fixture
-def refused(capsys, monkeypatch):
-    """Run `tinygpt ARGS` in this process; assert it fails with one line holding each fragment."""
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-
-    def check(args: list, *fragments: str) -> None:
-        capsys.readouterr()
-        assert main([str(a) for a in args]) != 0
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        for fragment in fragments:
-            assert fragment in lines[0], lines[0]
-    return check
 
 
 def fingerprint(folder: Path) -> dict[str, tuple[int, str]]:

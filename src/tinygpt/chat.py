@@ -29,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from tinygpt.engine import Engine, PromptRejected, Sampling
 from tinygpt.errors import TinyGPTError
-from tinygpt.serve import MAX_TOKENS_DESCRIPTION, APIError, Completion, check_sampling, check_stops, run_completion
+from tinygpt.serve import (
+    MAX_TOKENS_DESCRIPTION,
+    APIError,
+    Completion,
+    SamplingRequest,
+    check_sampling,
+    check_stops,
+    run_completion,
+)
 
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"developer": "system"}
@@ -102,22 +110,12 @@ def checked_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(SamplingRequest):
     """The fields of OpenAI's POST /v1/chat/completions that this server can honour."""
 
-    model: str
     messages: Any = None  # checked by checked_messages, for 400s that name the message at fault
     max_tokens: int | None = Field(None, ge=0, description=MAX_TOKENS_DESCRIPTION)
     max_completion_tokens: int | None = Field(None, ge=0, description=MAX_TOKENS_DESCRIPTION)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
     # accepted only at their neutral values
     logprobs: bool = False
     top_logprobs: int | None = None

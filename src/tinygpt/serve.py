@@ -136,12 +136,10 @@ MAX_TOKENS_DESCRIPTION = ("how many tokens to generate per choice: characters fo
                           "byte-level BPE tokens (a few bytes each) for a BPE model")
 
 
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's POST /v1/completions that this server can honour."""
+class SamplingRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: the model and how to sample."""
 
     model: str
-    prompt: str | list[str] = ""
-    max_tokens: int | None = Field(16, ge=0, description=MAX_TOKENS_DESCRIPTION)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's, but other local servers accept it too
@@ -151,6 +149,13 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    """The fields of OpenAI's POST /v1/completions that this server can honour."""
+
+    prompt: str | list[str] = ""
+    max_tokens: int | None = Field(16, ge=0, description=MAX_TOKENS_DESCRIPTION)
     echo: bool = False  # the prompt before the completion's text (and its tokens' logprobs, with logprobs)
     logprobs: int | None = Field(None, ge=0)  # the top-N alternatives of each token (at most Limits.max_alternatives)
     # accepted only at their neutral values: the server cannot honour anything else
