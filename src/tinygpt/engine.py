@@ -182,8 +182,10 @@ class Engine:
 
     @property
     def active_sequences(self) -> int:
-        """Rows (choices) in the running batch now."""
-        return self.batch.rows
+        """Rows (choices) of the generations in the running batch. Counted from the generations,
+        not from the cache's rows in use: those dip while a generation whose context slid
+        re-prefills on the model thread, and this is read from the event loop."""
+        return sum(generation.n for generation in list(self.batch.generations))
 
     # -- admission: a FIFO semaphore made of futures, so it binds to no particular event loop
 
