@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA := data/shakespeare
 RUN := runs/demo
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test test-slow setup lint clean
 
 $(BIN)/tinygpt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the tests marked slow (each over ~20 s), which `make test` skips; CI runs them after it
+test-slow: setup
+	$(BIN)/python -m pytest -q --runslow -m slow
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

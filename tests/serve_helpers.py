@@ -84,3 +84,13 @@ def events(response) -> list:
             data = block[len("data: "):]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def read_to_first_token(lines: Iterator[str]) -> dict:
+    """Read a playground stream's lines up to its first generated token's event. The opening
+    event does not count: it names the tokenizer, whose kind may be "char" too, and comes
+    before the request has joined the batch."""
+    for line in lines:
+        if line.startswith("data: {") and "char" in (event := json.loads(line[len("data: "):])):
+            return event
+    raise AssertionError("the stream ended before its first token")

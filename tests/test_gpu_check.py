@@ -49,6 +49,7 @@ def test_a_python_without_torch_is_one_reason_too(tmp_path):
     assert all(status == "SKIP" and "cannot import torch" in detail for status, detail in table(result).values())
 
 
+@pytest.mark.slow  # the whole GPU script on the CPU: over a minute
 def test_a_dry_run_on_the_cpu_runs_every_part_but_the_cuda_checks(tmp_path):
     (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
     prepare([str(tmp_path / "corpus.txt")], tmp_path / "data", progress=False)

@@ -178,7 +178,8 @@ def _a_save_began(run_dir: Path, files_before: set[str]) -> bool:
 
 # with dropout 0 and the precision left to the machine, every per-device choice a process
 # could time (precision, attention) must come back from the run, not be measured again
-@pytest.mark.parametrize("settings", [SETTINGS, {"dtype": "auto", "dropout": 0.0, "eval_iters": 2}],
+@pytest.mark.parametrize("settings", [pytest.param(SETTINGS, marks=pytest.mark.slow),  # a long one: CI runs it
+                                      {"dtype": "auto", "dropout": 0.0, "eval_iters": 2}],
                          ids=["dropout", "no-dropout-auto-precision"])
 def test_sigkill_at_random_moments_then_resume_is_bit_for_bit(data_dir, tmp_path, settings):
     max_iters, eval_interval = 40, 5

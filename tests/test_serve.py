@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from serve_helpers import events, live_server, trained_run
+from serve_helpers import events, live_server, read_to_first_token, trained_run
 from tinygpt.cli import main
 from tinygpt.engine import Engine, Limits, PromptRejected
 from tinygpt.errors import ServerBusy, ServerOverloaded
@@ -280,8 +280,7 @@ def test_a_client_that_leaves_stops_its_generation_and_a_full_server_says_429(ru
         with http.stream("POST", "/api/generate", json=body) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
-            while "char" not in next(lines):
-                pass
+            read_to_first_token(lines)
             busy = http.post("/v1/completions", json={"model": "tiny-run", "prompt": "To"})
             assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
             assert busy.headers["retry-after"] == "1"

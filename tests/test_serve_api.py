@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_helpers import events, live_server, trained_run
+from serve_helpers import events, live_server, read_to_first_token, trained_run
 from tinygpt.chat import ChatTemplate
 from tinygpt.cli import main
 from tinygpt.data import load_tokens
@@ -344,8 +344,7 @@ def test_gauges_show_the_queue_and_a_client_that_leaves_a_chat_stream_frees_its_
             "model": "tiny-run", "prompt": "To", "max_tokens": 3}).status_code))
         with http.stream("POST", "/api/generate", json={"prompt": "To be", "max_tokens": 10**6}) as response:
             lines = response.iter_lines()
-            while "char" not in next(lines):
-                pass
+            read_to_first_token(lines)
             waiter.start()  # it waits for the one slot
             gauges = wait_for_metrics(http, lambda m: m["tinygpt_queue_depth{}"] == 1)
             assert gauges["tinygpt_active_sequences{}"] == gauges["tinygpt_active_requests{}"] == 1
