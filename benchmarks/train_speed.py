@@ -16,6 +16,12 @@ matmul ceilings, which are measured in their own processes in every round too.
 Variants: `naive` (benchmarks/naive_reference.py: fp32, eager, plain AdamW), `ours` (the
 precision `train` picks for this device, eager), `ours-fp32`, and `ours-compile`
 (torch.compile; the first process compiles, later ones reuse Inductor's on-disk cache).
+`reference` and `reference-bf16` (they need --reference, a clone of the reference
+implementation: `git clone https://github.com/karpathy/nanoGPT && git -C nanoGPT checkout
+3adf61e1`): its `model.py`, unmodified, at the seed sizes (bias on, as its default), its own
+`configure_optimizers` (AdamW 3e-4, betas 0.9/0.99, decay 0.1) and the step its `train.py` takes
+(forward with targets, backward, clip 1.0, step, zero_grad), eager; in fp32, as its `train.py`
+runs on a CPU, or under bf16 autocast, its fastest CPU mode where the CPU has bf16.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SEED_SIZES = dict(vocab_size=84, n_embd=384, n_layer=12, n_head=8, block_size=64, dropout=0.2)
-VARIANTS = ("naive", "ours", "ours-fp32", "ours-compile", "ours-fp32-compile")
+VARIANTS = ("naive", "reference", "reference-bf16", "ours", "ours-fp32", "ours-compile", "ours-fp32-compile")
 
 
 def build(variant: str, batch_size: int):
@@ -51,21 +57,46 @@ def build(variant: str, batch_size: int):
         optimizer = make_optimizer(model)
         return (lambda: train_step(model, optimizer, x, y)), "float32 (naive reference)"
 
+    if variant.startswith("reference"):
+        return reference_step(variant, x, y)
+
     from tinygpt.bench import training_step
     from tinygpt.config import get_preset
     from tinygpt.hardware import choose_precision
     from tinygpt.model import GPT
-    from tinygpt.train import build_optimizers
 
     model_config, train_config = get_preset("seed")
     model_config.vocab_size = SEED_SIZES["vocab_size"]
     device = torch.device("cpu")
     precision = choose_precision(device, "float32" if "fp32" in variant else "auto")
     model = GPT(model_config).train()
-    optimizers = build_optimizers(model, train_config, device)
     step_model = torch.compile(model) if "compile" in variant else model
-    step = training_step(model, optimizers, train_config, precision, device, batch_size, step_model)
+    step = training_step(model, train_config, precision, device, batch_size, step_model)
     return step, precision.reason
+
+
+def reference_step(variant: str, x, y):
+    """The reference implementation's model and training step (see the module docstring)."""
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, os.environ["TINYGPT_REFERENCE"])
+    from model import GPT, GPTConfig  # the reference's own model.py
+
+    model = GPT(GPTConfig(**SEED_SIZES, bias=True)).train()
+    optimizer = model.configure_optimizers(0.1, 3e-4, (0.9, 0.99), "cpu")
+    bf16 = variant == "reference-bf16"
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, "bf16 autocast (reference)" if bf16 else "float32 (reference)"
 
 
 def worker(args) -> None:
@@ -102,6 +133,8 @@ def run_one(variant: str, args) -> dict:
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    if args.reference:
+        env["TINYGPT_REFERENCE"] = str(Path(args.reference).resolve())
     env.pop("OMP_WAIT_POLICY", None)
     if args.omp_wait_policy != "unset":  # the same for every variant (tinyGPT itself defaults to PASSIVE)
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -209,6 +242,8 @@ def main() -> None:
                         help="OpenMP waiting in every process (default PASSIVE, what tinyGPT sets; 'unset': "
                              "the runtime's spinning default, ruinous on a loaded machine)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement here")
+    parser.add_argument("--baseline", default="naive", help="the variant the others are compared with (default naive)")
+    parser.add_argument("--reference", help="a clone of the reference implementation (for the reference variants)")
     parser.add_argument("--parts", action="store_true", help="time the pieces (dropout, attention, AdamW, "
                         "fp32 matmul paths) in this process instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -226,6 +261,8 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {VARIANTS}")
+    if any(v.startswith("reference") for v in variants) and not args.reference:
+        raise SystemExit("the reference variants need --reference (a clone of the reference implementation)")
     per_token, matmul_weights = flops_per_token()
     print(f"CPU: {cpu_line()}")
     print(f"OMP_WAIT_POLICY {args.omp_wait_policy} in every process")
@@ -246,26 +283,26 @@ def main() -> None:
     ceiling = {name: statistics.median(r[name] for r in results["ceiling"]) for name in ("float32", "bfloat16")}
     print(f"\nmatmul ceilings ({args.matmul_size}^3, median of rounds): fp32 {ceiling['float32'] / 1e9:.0f}, "
           f"bf16 {ceiling['bfloat16'] / 1e9:.0f} GFLOP/s; threads {results[variants[0]][0]['threads']}")
-    header = ("| variant | tokens/s (median) | min..max | vs naive | GFLOP/s | % of fp32 ceiling "
+    base = args.baseline if args.baseline in results else None
+    header = (f"| variant | tokens/s (median) | min..max | vs {base or '-'} | GFLOP/s | % of fp32 ceiling "
               "| % of bf16 ceiling |")
     print(header)
     print("|" + "---|" * 7)
-    naive = statistics.median(r["tokens_per_second"] for r in results["naive"]) if "naive" in results else None
+    base_rate = statistics.median(r["tokens_per_second"] for r in results[base]) if base else None
     for variant in variants:
         rates = [r["tokens_per_second"] for r in results[variant]]
         median = statistics.median(rates)
         achieved = median * per_token
-        versus = f"{median / naive:.2f}x" if naive else "-"
+        versus = f"{median / base_rate:.2f}x" if base else "-"
         print(f"| {variant} | {median:,.0f} | {min(rates):,.0f}..{max(rates):,.0f} | {versus} | "
               f"{achieved / 1e9:.1f} | {achieved / ceiling['float32']:.0%} | {achieved / ceiling['bfloat16']:.0%} |")
-    if naive:
-        for variant in variants:
-            if variant == "naive":
-                continue
-            ratios = [o["tokens_per_second"] / n["tokens_per_second"]
-                      for o, n in zip(results[variant], results["naive"], strict=True)]
-            print(f"{variant} / naive, round by round: " + ", ".join(f"{r:.2f}" for r in ratios)
-                  + f" (median {statistics.median(ratios):.2f})")
+    for variant in variants if base else []:
+        if variant == base:
+            continue
+        ratios = [o["tokens_per_second"] / n["tokens_per_second"]
+                  for o, n in zip(results[variant], results[base], strict=True)]
+        print(f"{variant} / {base}, round by round: " + ", ".join(f"{r:.2f}" for r in ratios)
+              + f" (median {statistics.median(ratios):.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_line(), "flops_per_token": per_token,
                                                "results": results}, indent=1))

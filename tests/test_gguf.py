@@ -38,10 +38,12 @@ TEXT = words_text(3000)
 CHARS = sorted(set(TEXT + "abcdefghijklmnopqrstuvwxyz'\"\\\t?Çéï日😀"))
 CHAR_PROMPT = "Ça va? The king 😀"
 BPE_PROMPT = "Ça 😀 the king doth"
-# the cpu preset's options (rotary, no biases at all) and the default ones (learned, every bias)
+# the cpu preset's options (rotary, no biases at all) with GELU (llama.cpp's starcoder2 graph), and
+# the default ones (learned, every bias)
 ROPE_OPTIONS = {key: value for key, value in dataclasses.asdict(get_preset("cpu")[0]).items()
-                if key in ("bias", "qkv_bias", "norm", "activation", "positions", "norm_type")}
+                if key in ("bias", "qkv_bias", "norm", "positions", "norm_type")} | {"activation": "gelu"}
 LEARNED_OPTIONS = {"positions": "learned"}
+RELU2_OPTIONS = ROPE_OPTIONS | {"activation": "relu2"}  # the cpu preset's own: llama.cpp's nemotron graph
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +64,19 @@ def fields(reader) -> dict:
 
 
 @pytest.mark.parametrize("options, tied", [(LEARNED_OPTIONS, False), (LEARNED_OPTIONS, True),
-                                           (ROPE_OPTIONS, False), (ROPE_OPTIONS, True)])
+                                           (ROPE_OPTIONS, False), (ROPE_OPTIONS, True),
+                                           (RELU2_OPTIONS, False), (RELU2_OPTIONS, True)])
 def test_the_file_holds_our_weights_under_llama_cpps_names_and_shapes(tmp_path, options, tied):
     model = make_run(tmp_path / "run", CharTokenizer(CHARS), tie_embeddings=tied, **options)
     reader = gguf.GGUFReader(export_gguf(tmp_path / "run", tmp_path / "model.gguf"))
-    arch = "gpt2" if options["positions"] == "learned" else "starcoder2"
+    arch = {"learned": "gpt2", "rope": "starcoder2"}[options["positions"]]
+    if options.get("activation") == "relu2":
+        arch = "nemotron"
+    assert fields(reader)["general.architecture"] == arch
     V, C, T = len(CHARS), 32, BLOCK
     # shapes as llama.cpp's create_tensor asks for them, innermost dimension first
     expected = {"token_embd.weight": [C, V], "output_norm.weight": [C], "output_norm.bias": [C]}
-    if not tied:  # tied: llama.cpp reads token_embd.weight as the output matrix, as we do
+    if not tied or arch == "nemotron":  # tied: gpt2 and starcoder2 read token_embd.weight, as we do
         expected["output.weight"] = [C, V]
     if arch == "gpt2":
         expected["position_embd.weight"] = [C, T]
@@ -93,7 +99,7 @@ def test_the_file_holds_our_weights_under_llama_cpps_names_and_shapes(tmp_path, 
         np.testing.assert_array_equal(tensors[name].data, want, err_msg=name)
 
     same("token_embd.weight", ours["token_embedding.weight"])
-    if not tied:
+    if not tied or arch == "nemotron":
         same("output.weight", ours["lm_head.weight"])
     block = model.blocks[1]
     same("blk.1.ffn_up.weight", block.mlp.up.weight.detach())
@@ -157,6 +163,7 @@ def test_a_bpe_vocabulary_is_gpt2s_with_its_merges_and_no_ordinary_token_as_eos(
     ({"activation": "relu"}, "activation=relu"),
     ({"norm_type": "rmsnorm", "positions": "rope"}, "norm_type=rmsnorm"),
     (dataclasses.asdict(get_preset("seed")[0]), "norm=post"),
+    ({"activation": "relu2", "positions": "learned"}, "activation=relu2 with positions=learned"),
 ])
 def test_an_option_with_no_exact_target_is_one_line_and_nothing_written(tmp_path, options, named):
     options = {key: value for key, value in options.items() if key != "vocab_size"}
@@ -256,6 +263,8 @@ def test_llama_cpp_tokenizes_and_continues_greedily_as_we_do_up_to_the_block_siz
         "learned-bpe": (bpe, {**LEARNED_OPTIONS, "tie_embeddings": True}, BPE_PROMPT),
         "rope-char": (CharTokenizer(CHARS), {**ROPE_OPTIONS, "tie_embeddings": True}, CHAR_PROMPT),
         "rope-bpe": (bpe, {**ROPE_OPTIONS}, BPE_PROMPT),
+        "relu2-char": (CharTokenizer(CHARS), {**RELU2_OPTIONS}, CHAR_PROMPT),
+        "relu2-bpe": (bpe, {**RELU2_OPTIONS, "tie_embeddings": True}, BPE_PROMPT),
     }
     jobs, ours = [], {}
     for name, (tokenizer, options, prompt) in cases.items():

@@ -166,15 +166,16 @@ PRESETS: dict[str, Preset] = {
         ),
     ),
     # The demo: the best model 2 CPU cores train in about 10 minutes.
+    # ReLU² and warmup-stable-decay: what won at equal time (BENCHMARKS.md, "Quality per CPU-minute").
     "cpu": Preset(
         "the demo: the best model 2 CPU cores train in 9 minutes (a time budget: max_time 540 s)",
         ModelConfig(
             block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.05, bias=False,
-            qkv_bias=False, lm_head_bias=False, norm="pre", activation="gelu",
+            qkv_bias=False, lm_head_bias=False, norm="pre", activation="relu2",
             positions="rope", tie_embeddings=False,
         ),
         TrainConfig(
-            batch_size=32, learning_rate=2e-3, min_lr=2e-4, schedule="cosine",
+            batch_size=32, learning_rate=2e-3, min_lr=2e-4, schedule="wsd", decay_fraction=0.3,
             warmup_iters=100, max_iters=20000, max_time=540.0, eval_interval=250, eval_iters=20,
             weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
         ),

@@ -1,10 +1,11 @@
 """GGUF export: a run as one file that llama.cpp (and everything built on it) runs as it is.
 
 GGUF is llama.cpp's format: metadata (the architecture's sizes, the tokenizer) and named tensors
-in one file. llama.cpp has no graph of its own for our GPT, but two of its built-in architectures
-are our pre-LN, LayerNorm, GELU blocks, layer for layer:
+in one file. llama.cpp has no graph of its own for our GPT, but three of its built-in architectures
+are our pre-LN, LayerNorm blocks, layer for layer:
 
-    positions "learned" -> gpt2        positions "rope" -> starcoder2
+    positions "learned", GELU -> gpt2      positions "rope", GELU -> starcoder2
+    positions "rope", ReLU² (the `cpu` preset's) -> nemotron
 
 Tensors (written in float32, each as the torch weight is: a Linear's (out, in) matrix is
 llama.cpp's {in, out}, since GGUF lists dimensions innermost first):
@@ -13,29 +14,32 @@ llama.cpp's {in, out}, since GGUF lists dimensions innermost first):
     position_embd.weight          (T, C)      position_embedding.weight          (gpt2 only)
     blk.{i}.attn_norm.weight/bias (C,)        blocks.i.norm1
     blk.{i}.attn_qkv.weight/bias  (3C, C)     blocks.i.attn.qkv                  (gpt2: fused)
-    blk.{i}.attn_q/k/v.weight/bias (C, C)     blocks.i.attn.qkv split in three   (starcoder2)
+    blk.{i}.attn_q/k/v.weight/bias (C, C)     blocks.i.attn.qkv split in three   (starcoder2, nemotron)
     blk.{i}.attn_output.weight/bias (C, C)    blocks.i.attn.proj
     blk.{i}.ffn_norm.weight/bias  (C,)        blocks.i.norm2
     blk.{i}.ffn_up.weight/bias    (4C, C)     blocks.i.mlp.up
     blk.{i}.ffn_down.weight/bias  (C, 4C)     blocks.i.mlp.down
     output_norm.weight/bias       (C,)        final_norm
-    output.weight                 (V, C)      lm_head.weight (left out when tied: llama.cpp
-                                              then reads token_embd.weight, as we do)
+    output.weight                 (V, C)      lm_head.weight (when tied, gpt2 and starcoder2
+                                              leave it out and read token_embd.weight, as we
+                                              do; nemotron requires it: a copy of the embedding)
 
-Both graphs require every bias; those our model lacks (bias=false, qkv_bias=false) are zeros,
-which computes the same. Our rotary positions rotate the pair (x[i], x[i + hd/2]) of each head
-by position * 10000^(-2i/hd): starcoder2's rope type in llama.cpp is NEOX, the same pairing,
-so no row of q or k is permuted.
+gpt2 and starcoder2 require every bias, nemotron those of its norms; those our model lacks
+(bias=false, qkv_bias=false) are zeros, which computes the same. Our rotary positions rotate
+the pair (x[i], x[i + hd/2]) of each head by position * 10000^(-2i/hd): starcoder2's and
+nemotron's rope type in llama.cpp is NEOX, the same pairing, so no row of q or k is permuted.
 
 Options these graphs lack are refused with one line naming the option (nothing is written):
-post-LN blocks, a biased LM head, ReLU (both graphs hard-code GELU) and RMSNorm (llama.cpp's
-RMSNorm graphs, llama and arcee, have SwiGLU or ReLU^2 MLPs, not ours).
+post-LN blocks, a biased LM head, ReLU (no graph has it with LayerNorm), ReLU² with learned
+positions (nemotron's are rotary), and RMSNorm (llama.cpp's RMSNorm graphs, llama and arcee,
+have SwiGLU or ReLU² MLPs of other shapes than ours).
 
 Where llama.cpp is close but not bit-exact (so its check is greedy-text agreement, not logits
 to 1e-5): its GELU is the tanh approximation (at most 4.7e-4 from the exact erf GELU we use),
 looked up in an fp16 table; its KV cache is fp16 unless asked for f32. And llama.cpp knows no
-context window past the block size: starcoder2 attends to every earlier position (ours slides a
-block_size window), and gpt2 has no position past it, so the two agree up to block_size.
+context window past the block size: starcoder2 and nemotron attend to every earlier position
+(ours slides a block_size window), and gpt2 has no position past it, so they agree up to
+block_size.
 
 The tokenizer:
 
@@ -85,7 +89,10 @@ NEVER_IN_UTF8 = 0xFF  # a byte no valid UTF-8 text holds: the BPE's stand-in BOS
 def architecture_for(config: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly this model, or one ExportError line
     naming the first option that has none."""
-    arch = "gpt2" if config.positions == "learned" else "starcoder2"
+    if config.positions == "learned":
+        arch = "gpt2"
+    else:
+        arch = "nemotron" if config.activation == "relu2" else "starcoder2"
     graph = f"llama.cpp's {arch} graph"
     if config.norm != "pre":
         raise ExportError(f"norm={config.norm} (post-LN blocks) has no exact GGUF target: {graph} is pre-LN")
@@ -96,8 +103,12 @@ def architecture_for(config: ModelConfig) -> str:
     if config.logit_softcap:
         raise ExportError(f"logit_softcap={config.logit_softcap:g} has no exact GGUF target: "
                           f"{graph} does not cap its logits")
-    if config.activation != "gelu":
-        raise ExportError(f"activation={config.activation} has no exact GGUF target: {graph} hard-codes GELU")
+    if config.activation == "relu2" and arch == "gpt2":
+        raise ExportError(f"activation=relu2 with positions=learned has no exact GGUF target: {graph} "
+                          "hard-codes GELU, and nemotron's ReLU² graph has rotary positions")
+    if config.activation not in ("gelu", "relu2"):
+        raise ExportError(f"activation={config.activation} has no exact GGUF target: {graph} hard-codes GELU "
+                          "(and nemotron's, ReLU²)")
     if config.norm_type != "layernorm":
         raise ExportError(f"norm_type={config.norm_type} has no exact GGUF target: {graph} uses LayerNorm, "
                           f"and llama.cpp's RMSNorm graphs (llama, arcee) have other MLPs than ours")
@@ -172,7 +183,7 @@ def gguf_tensors(model: GPT, arch: str) -> dict[str, np.ndarray]:
         tensors |= layer(f"blk.{i}.attn_norm", block.norm1, C)
         if arch == "gpt2":
             tensors |= layer(f"blk.{i}.attn_qkv", block.attn.qkv, 3 * C)
-        else:  # starcoder2: q, k and v apart (the layout every llama.cpp version reads)
+        else:  # starcoder2, nemotron: q, k and v apart (the layout every llama.cpp version reads)
             weights = np.split(values(block.attn.qkv.weight), 3)  # 3 x (C, C)
             biases = np.split(values(block.attn.qkv.bias, 3 * C), 3)  # 3 x (C,)
             for part, weight, bias in zip("qkv", weights, biases, strict=True):
@@ -183,7 +194,7 @@ def gguf_tensors(model: GPT, arch: str) -> dict[str, np.ndarray]:
         tensors |= layer(f"blk.{i}.ffn_up", block.mlp.up, 4 * C)
         tensors |= layer(f"blk.{i}.ffn_down", block.mlp.down, C)
     tensors |= layer("output_norm", model.final_norm, C)
-    if not model.config.tie_embeddings:
+    if not model.config.tie_embeddings or arch == "nemotron":  # nemotron has no tied head
         tensors["output.weight"] = values(model.lm_head.weight)
     return tensors
 
@@ -200,7 +211,7 @@ def write_metadata(writer: Any, gguf: Any, arch: str, config: ModelConfig, name:
     writer.add_head_count(config.n_head)
     writer.add_head_count_kv(config.n_head)
     writer.add_layer_norm_eps(1e-5)  # torch's LayerNorm default, which model.make_norm keeps
-    if arch == "starcoder2":
+    if arch in ("starcoder2", "nemotron"):
         writer.add_rope_dimension_count(config.n_embd // config.n_head)
         writer.add_rope_freq_base(ROPE_BASE)
     writer.add_tokenizer_model(vocab["model"])
