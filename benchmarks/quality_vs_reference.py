@@ -141,7 +141,7 @@ def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path) -> 
     result = json.loads(scored.stdout)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     iters = max(m.get("iteration", 0) for m in metrics)
-    shown = " ".join(command[1:]).replace(str(work) + "/", "")
+    shown = " ".join(command[1:]).replace(str(work) + "/", "").replace(str(ROOT) + "/", "")
     return {"iterations": iters, "seconds": round(seconds, 1), "bits_per_char": round(result["bits_per_char"], 4),
             "command": "tinygpt " + shown}
 
