@@ -5,7 +5,7 @@ whole validation split.
     .venv/bin/python benchmarks/positions_quality.py --iters 1500 --seeds 1 2 3
 
 Both models are identical (4 layers, 4 heads, n_embd 128, block 64, pre-LN, GELU: the `cpu`
-preset's choices at a smaller size) apart from `positions`, and train on
+preset's choices before issue 16, at a smaller size) apart from `positions`, and train on
 ../shared/data/tinyshakespeare.txt (its last 10 % held out) with the same schedule, batch,
 iterations and seeds, alternating learned / rope. Val bits/char is
 tinygpt.evaluate.evaluate_tokens over every character of the validation split.
@@ -51,6 +51,7 @@ def main() -> None:
         for seed in args.seeds:
             for positions in ("learned", "rope"):
                 _, train_config = get_preset("cpu")
+                train_config.schedule = "cosine"  # the cpu preset's before issue 16, as BENCHMARKS.md measured
                 model_config = ModelConfig(
                     block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False, qkv_bias=False,
                     lm_head_bias=False, norm="pre", activation="gelu", positions=positions,

@@ -5,7 +5,8 @@
         --eval-interval 100 --batch-size 64
 
 The init changes no arithmetic per step, so equal iterations are equal time: every variant
-trains the same number of iterations (the cosine schedule spans them; no time budget), in
+trains the same number of iterations (the preset's schedule spans them; no time budget; the
+BENCHMARKS.md figures are of the `cpu` preset before issue 16: GELU, cosine), in
 bf16 autocast, one thread per run, `--parallel` runs at a time (interleaved variant by
 variant), each in its own process. Reported: the whole validation split's bits/char of the
 best checkpoint (`tinygpt eval`, consecutive windows), per seed, and the mean difference.

@@ -35,7 +35,7 @@ SIZES = dict(block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 
 def cpu_preset_options() -> dict:
-    """The cpu preset's options (rotary, pre-LN, GELU, no biases, untied) at test sizes."""
+    """The cpu preset's options (rotary, pre-LN, ReLU², no biases, untied) at test sizes."""
     model, _ = get_preset("cpu")
     return {**dataclasses.asdict(model), **SIZES}
 

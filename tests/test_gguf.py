@@ -123,8 +123,8 @@ def test_the_file_holds_our_weights_under_llama_cpps_names_and_shapes(tmp_path, 
         "context_length": T, "embedding_length": C, "feed_forward_length": 4 * C, "block_count": 2,
         "attention.head_count": 2, "attention.head_count_kv": 2}
     assert meta[f"{arch}.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
-    if arch == "starcoder2":
-        assert (meta["starcoder2.rope.dimension_count"], meta["starcoder2.rope.freq_base"]) == (16, 10000.0)
+    if arch in ("starcoder2", "nemotron"):
+        assert (meta[f"{arch}.rope.dimension_count"], meta[f"{arch}.rope.freq_base"]) == (16, 10000.0)
     assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.add_eos_token"] is False
 
 
@@ -164,6 +164,7 @@ def test_a_bpe_vocabulary_is_gpt2s_with_its_merges_and_no_ordinary_token_as_eos(
     ({"norm_type": "rmsnorm", "positions": "rope"}, "norm_type=rmsnorm"),
     (dataclasses.asdict(get_preset("seed")[0]), "norm=post"),
     ({"activation": "relu2", "positions": "learned"}, "activation=relu2 with positions=learned"),
+    ({"activation": "relu2", "positions": "rope", "norm": "post"}, "norm=post"),
 ])
 def test_an_option_with_no_exact_target_is_one_line_and_nothing_written(tmp_path, options, named):
     options = {key: value for key, value in options.items() if key != "vocab_size"}
@@ -174,7 +175,7 @@ def test_an_option_with_no_exact_target_is_one_line_and_nothing_written(tmp_path
         export_gguf(tmp_path / "run", out / "model.gguf")
     message = str(error.value)
     assert named in message and "\n" not in message
-    assert re.search(r"llama\.cpp's (gpt2|starcoder2) graph", message)
+    assert re.search(r"llama\.cpp's (gpt2|starcoder2|nemotron) graph", message)
     assert list(out.iterdir()) == []
 
 

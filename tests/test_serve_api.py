@@ -357,8 +357,10 @@ def test_gauges_show_the_queue_and_a_client_that_leaves_a_chat_stream_frees_its_
             for line in response.iter_lines():  # the opening chunk (the role), then the reply's first text
                 if line and json.loads(line[len("data: "):])["choices"][0]["delta"].get("content"):
                     break
-            gauges = scrape(http)  # one request, three choices: three sequences in the batch
-            assert (gauges["tinygpt_active_requests{}"], gauges["tinygpt_active_sequences{}"]) == (1, 3)
+            # one request, three choices: three sequences in the batch (waited for: the slot count
+            # of the requests before settles on the event loop, which this scrape may overtake)
+            wait_for_metrics(http, lambda m: (m["tinygpt_active_requests{}"],
+                                              m["tinygpt_active_sequences{}"]) == (1, 3))
         gauges = wait_for_metrics(http, lambda m: m["tinygpt_active_sequences{}"] == 0)
         assert gauges["tinygpt_active_requests{}"] == 0
         health = http.get("/health").json()

@@ -489,7 +489,7 @@ def _add_export_command(sub) -> None:
     p.add_argument("--format", required=True, choices=("hf", "gguf", "onnx"),
                    help="hf: a folder transformers' AutoModelForCausalLM and AutoTokenizer load (gpt2, starcoder2 "
                         "or arcee, whichever computes exactly this model); gguf: one file llama.cpp loads "
-                        "(gpt2 or starcoder2); onnx: model.onnx (input_ids -> logits)")
+                        "(gpt2, starcoder2 or nemotron); onnx: model.onnx (input_ids -> logits)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="a new or empty folder (gguf: the folder for model.gguf, or the path of a .gguf file)")
     p.add_argument("--int8", action="store_true",

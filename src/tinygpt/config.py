@@ -70,7 +70,7 @@ class TrainConfig:
     decay_fraction: float = 0.3  # wsd: the last share of the run, decayed linearly to min_lr
     warmup_iters: int = 100
     max_iters: int = 2000
-    max_time: float = 0.0  # seconds; > 0 also ends training (and its cosine schedule) at this wall-clock budget
+    max_time: float = 0.0  # seconds; > 0 also ends training (and its schedule) at this wall-clock budget
     eval_interval: int = 250
     eval_iters: int = 20  # batches of train and of val per evaluation
     weight_decay: float = 0.1

@@ -32,7 +32,7 @@ nemotron's rope type in llama.cpp is NEOX, the same pairing, so no row of q or k
 Options these graphs lack are refused with one line naming the option (nothing is written):
 post-LN blocks, a biased LM head, ReLU (no graph has it with LayerNorm), ReLU² with learned
 positions (nemotron's are rotary), and RMSNorm (llama.cpp's RMSNorm graphs, llama and arcee,
-have SwiGLU or ReLU² MLPs of other shapes than ours).
+differ from ours in their MLP or their rotary pairing; none is checked against ours here).
 
 Where llama.cpp is close but not bit-exact (so its check is greedy-text agreement, not logits
 to 1e-5): its GELU is the tanh approximation (at most 4.7e-4 from the exact erf GELU we use),
@@ -111,7 +111,7 @@ def architecture_for(config: ModelConfig) -> str:
                           "(and nemotron's, ReLU²)")
     if config.norm_type != "layernorm":
         raise ExportError(f"norm_type={config.norm_type} has no exact GGUF target: {graph} uses LayerNorm, "
-                          f"and llama.cpp's RMSNorm graphs (llama, arcee) have other MLPs than ours")
+                          f"and llama.cpp's RMSNorm graphs (llama, arcee) are not checked against ours")
     return arch
 
 
