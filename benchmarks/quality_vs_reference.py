@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinygpt.hardware import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("reference", "previous", "new")
 REFERENCE_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -146,14 +148,6 @@ def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path) -> 
             "command": "tinygpt " + shown}
 
 
-def cpu_model() -> str:
-    fields = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return f"{fields.get('Model name', '?')}, family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}"
-
-
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     lines = ["| text | recipe | val bits/char | iterations | seconds | CPU |", "|---|---|---|---|---|---|"]
@@ -187,7 +181,7 @@ def main() -> None:
                 result = run_reference(args.reference.resolve(), text.resolve(), name, args.budget, args.work)
             else:
                 result = run_tinygpt(kind, text.resolve(), name, args.budget, args.work)
-            row = {"text": name, "kind": kind, "budget": args.budget, "cpu": cpu_model(), **result}
+            row = {"text": name, "kind": kind, "budget": args.budget, "cpu": cpu_description(), **result}
             print(json.dumps(row), flush=True)
             with open(args.results, "a") as out:
                 out.write(json.dumps(row) + "\n")
