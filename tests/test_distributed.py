@@ -228,3 +228,73 @@ def test_a_job_on_a_run_another_process_holds_stops_every_rank(data_dir, one_pro
     assert "process 0 could not claim" in result.stderr
     assert result.stderr.count("tinygpt train: error:") == 2  # one line per rank
     assert "tinygpt/train.py" not in result.stderr  # no traceback of ours (torchrun prints its own summary)
+
+
+# ----------------------------------------------------------------------------- `train` starting its own job
+
+
+def test_train_starts_its_own_processes_and_matches_one_process(data_dir, one_process_run, tmp_path):
+    """processes=2: `tinygpt train` starts two copies of itself, no torchrun; the same run as one process."""
+    run_dir = tmp_path / "own"
+    result = subprocess.run([sys.executable, *_train_args(data_dir, run_dir, "--set", "processes=2")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("processes: 2 (processes = 2)") == 1
+    assert result.stdout.count("done:") == 1  # only process 0 speaks
+    assert checkpoint.read_record(run_dir, "last")["world_size"] == 2
+    _assert_same_run(run_dir, one_process_run)
+
+
+def test_an_error_of_every_process_is_said_once(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tinygpt", "train", "--data", str(tmp_path / "missing"), "--out",
+                             str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu", "--set", "processes=2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("tinygpt train: error:") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "missing" in result.stderr
+
+
+def test_ctrl_c_stops_every_process_after_saving(data_dir, tmp_path):
+    """SIGINT to the launching process (as a terminal's Ctrl-C, which also reaches the workers):
+    the job saves, exits 130, and resumes."""
+    run_dir = tmp_path / "run"
+    args = _train_args(data_dir, run_dir, "--set", "processes=2")
+    args[args.index("--max-iters") + 1] = "100000"
+    job = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "last.json").exists():  # training is under way
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGINT)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130, stderr
+    assert "interrupted: saved iteration" in stderr and "Traceback" not in stderr, stderr
+    saved = checkpoint.read_record(run_dir, "last")["iteration"]
+    assert saved > EVAL_INTERVAL and saved % 10 == 0  # both stopped after the same logged iteration
+    resumed = subprocess.run([sys.executable, *_train_args(data_dir, run_dir, "--resume", "--max-iters",
+                                                           str(saved + 10), "--set", "processes=1")],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from iteration {saved} (saved by 2 processes, continued by 1" in resumed.stdout
+
+
+def test_how_many_processes_train_starts(monkeypatch):
+    from tinygpt import distributed
+    from tinygpt.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "physical_cores", lambda: 6)
+    assert distributed.local_processes(1, 32, "cpu")[0] == 1
+    assert distributed.local_processes(0, 32, "cpu")[0] == 4  # the most cores that divide 32
+    assert distributed.local_processes(0, 30, "cpu")[0] == 6
+    assert distributed.local_processes(0, 7, "cpu")[0] == 1
+    assert distributed.local_processes(3, 30, "cpu") == (3, "processes = 3")
+    with pytest.raises(ConfigError, match="must divide among processes = 3"):
+        distributed.local_processes(3, 32, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already one of a job's processes: never a job of jobs
+    assert distributed.local_processes(0, 32, "cpu")[0] == 1

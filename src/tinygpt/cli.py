@@ -91,6 +91,15 @@ def cmd_train(args) -> int:
     from tinygpt.train import train
 
     model_config, train_config = _configs(args)
+    if train_config.processes != 1:
+        from tinygpt import distributed
+
+        train_config.validate()
+        processes, why = distributed.local_processes(
+            train_config.processes, train_config.batch_size // train_config.grad_accum, args.device)
+        if processes > 1:
+            print(f"processes: {processes} ({why}); --set processes=1 trains in one")
+            return distributed.run_local_workers(args.argv, processes)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(args.threads_line)
     if args.resume and args.overwrite:
@@ -591,6 +600,7 @@ def _add_experiment_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command in TORCH_COMMANDS:
         # before torch loads; said once the command is under way (errors stay one line)
         args.threads_line = f"threads: {omp.set_for(args.command)}"

@@ -82,6 +82,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "muon" for hidden matrices (AdamW for the rest)
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
+    # CPU training as several processes of one data-parallel job, the cores shared out, which
+    # `tinygpt train` starts itself (0: one per physical core, as many as divide the batch)
+    processes: int = 1
     seed: int = 1337
     # per-device speed paths (speed.py): "auto" is decided once when a run starts and the
     # decision replaces it in the run's saved config, so a resume or a load never re-decides
@@ -94,6 +97,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.processes, int) or self.processes < 0:
+            raise ConfigError(f"processes must be 0 (one per core) or a positive integer, got {self.processes!r}")
         if self.warmup_iters < 0:
             raise ConfigError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
         if self.batch_size % self.grad_accum != 0:
@@ -177,7 +182,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             batch_size=32, learning_rate=2e-3, min_lr=2e-4, schedule="wsd", decay_fraction=0.3,
             warmup_iters=100, max_iters=20000, max_time=540.0, eval_interval=250, eval_iters=20,
-            weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+            weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, processes=0,
         ),
     ),
     # Small enough for the test suite to train in seconds.

@@ -1,20 +1,29 @@
 """Running as one of several processes under `torchrun`: joining, agreeing, failing clearly.
 
-The training loop never asks how many processes there are; it calls these helpers, which
+`tinygpt train` can also start such a job itself on one CPU machine (`local_processes`,
+`run_local_workers`): one process per core, each with one thread. The training loop never
+asks how many processes there are; it calls these helpers, which
 do nothing when the process is alone. DDP itself wraps the model (`wrap`); the model never
 knows about ranks.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from tinygpt.errors import PeerLost
+from tinygpt.errors import ConfigError, PeerLost
 from tinygpt.hardware import resolve_device
 
 
@@ -111,6 +120,15 @@ def all_reduce_sum(value: float, world: Distributed, device: torch.device) -> fl
     return total.item()
 
 
+def rank0_value(value: float, world: Distributed, device: torch.device) -> float:
+    """Rank 0's number on every rank."""
+    if not world.enabled:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.item()
+
+
 def rank0_choices(values: list[int], world: Distributed, device: torch.device) -> list[int]:
     """Rank 0's values on every rank: one decision for the whole job."""
     if not world.enabled:
@@ -132,3 +150,101 @@ def any_rank(flag: bool, world: Distributed, device: torch.device) -> bool:
     value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+# ----------------------------------------------------------------------------- a job on this machine
+
+MOST_LOCAL_PROCESSES = 8  # processes=0 stops here: past it, each process's share of a batch gets small
+
+
+def physical_cores() -> int:
+    """The cores this process may run on, each counted once however many hardware threads it has."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:  # no topology to read: count the hardware thread as a core
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def local_processes(requested: int, micro_batch: int, device_name: str) -> tuple[int, str]:
+    """How many training processes `tinygpt train` starts here (1: it trains itself), and why.
+
+    On a CPU, one process per core, each with one thread, keeps both cores busier than one
+    process whose OpenMP threads meet at every operation (BENCHMARKS.md, "Processes or threads")."""
+    if "WORLD_SIZE" in os.environ:
+        return 1, "already one of a job's processes"
+    if requested == 1:
+        return 1, "processes = 1"
+    device = resolve_device(device_name)
+    if device.type != "cpu":
+        if requested > 1:
+            raise ConfigError(f"processes = {requested} is for training on CPU cores; on {device.type}, "
+                              f"start the processes with torchrun")
+        return 1, f"training on {device.type}"
+    if requested > 1:
+        if micro_batch % requested:
+            raise ConfigError(f"the micro-batch ({micro_batch} = batch_size / grad_accum) must divide among "
+                              f"processes = {requested}")
+        return requested, f"processes = {requested}"
+    cores = physical_cores()
+    count = max(n for n in range(1, min(cores, MOST_LOCAL_PROCESSES) + 1) if micro_batch % n == 0)
+    return count, f"one per core ({cores} physical cores, as many as divide the micro-batch of {micro_batch})"
+
+
+def run_local_workers(argv: list[str], processes: int) -> int:
+    """Run `tinygpt ARGV` as `processes` processes of one job on this machine, as `torchrun
+    --standalone` would: the cores shared out among them, process 0 speaking for the job on the terminal.
+    Ctrl-C and SIGTERM reach every process, which stop together after saving. Returns the
+    job's exit status: process 0's, else the first failing process's (whose last lines of
+    errors are printed then, since process 0 said nothing of them)."""
+    port, threads = _free_port(), max(1, physical_cores() // processes)
+    workers, tails = [], []
+    for rank in range(processes):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                   LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=str(threads))
+        quiet = rank > 0  # the others' errors repeat process 0's, or follow from its failure
+        worker = subprocess.Popen([sys.executable, "-m", "tinygpt", *argv], env=env,
+                                  stdout=subprocess.DEVNULL if quiet else None,
+                                  stderr=subprocess.PIPE if quiet else None, text=True)
+        workers.append(worker)
+        tails.append(_keep_tail(worker.stderr) if quiet else None)
+    forwarded = {signum: signal.signal(signum, lambda number, frame: _forward(workers, number))
+                 for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [worker.wait() for worker in workers]
+    finally:
+        for signum, handler in forwarded.items():
+            signal.signal(signum, handler)
+    if codes[0]:
+        return codes[0]
+    for rank, code in enumerate(codes):
+        if code:
+            tails[rank][1].join()
+            print(f"tinygpt train: process {rank} of {processes} failed (exit {code}):", file=sys.stderr)
+            sys.stderr.write("".join(tails[rank][0]))
+            return code
+    return 0
+
+
+def _forward(workers: list[subprocess.Popen], signum: int) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signum)
+
+
+def _keep_tail(stream) -> tuple[collections.deque, threading.Thread]:
+    """Read a process's stderr as it comes (so it never blocks on a full pipe), keeping its last lines."""
+    lines: collections.deque = collections.deque(maxlen=20)
+    reader = threading.Thread(target=lambda: lines.extend(stream), daemon=True)
+    reader.start()
+    return lines, reader
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

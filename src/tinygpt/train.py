@@ -48,7 +48,7 @@ __all__ = ["train", "train_step", "TrainResult", "TrainingDiverged", "build_opti
 
 LOG_INTERVAL = 10  # iterations between progress-bar updates (the only host syncs)
 # what may change when a run continues; anything else would make it a different run
-RESUMABLE_KEYS = ("max_iters", "max_time", "eval_interval", "eval_iters", "compile")
+RESUMABLE_KEYS = ("max_iters", "max_time", "eval_interval", "eval_iters", "compile", "processes")
 # model options that only shape the initial weights: a resumed run has its weights already
 INIT_ONLY_KEYS = ("scaled_residual_init",)
 
@@ -158,16 +158,20 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
     bar = _progress_bar(run, progress)
     window = _LossWindow(device)
     val_loss, interrupted = None, False
+    # a time budget makes the schedule follow the clock: every process follows process 0's, so
+    # all of them set the same learning rate and stop at the same step
+    elapsed = _shared_elapsed(clock, config, world, device)
     try:
         while state.iteration < config.max_iters:
             run.check_token_files()
             if run.model_config.dropout > 0:
                 torch.manual_seed(dropout_seed(config.seed, world.rank, state.iteration))
-            lr = learning_rate_at(state.iteration, config, clock.elapsed())
+            lr = learning_rate_at(state.iteration, config, elapsed)
             window.add(train_step(run.step_model, run.ddp_model, state, config, run.precision, device, world, lr))
             state.iteration += 1
             # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
-            time_up = config.max_time > 0 and distributed.agree(clock.elapsed() >= config.max_time, world, device)
+            elapsed = _shared_elapsed(clock, config, world, device)
+            time_up = config.max_time > 0 and elapsed >= config.max_time
             done = time_up or state.iteration == config.max_iters
             if state.iteration % LOG_INTERVAL == 0 or done:
                 window.report(bar, state.iteration, lr, config, clock, run.model_config.block_size)
@@ -563,6 +567,13 @@ def _record_fields(run: Run, val_loss: float | None, clock: _Clock) -> dict:
 
 
 # ----------------------------------------------------------------------------- small pieces
+
+
+def _shared_elapsed(clock: _Clock, config: TrainConfig, world: Distributed, device: torch.device) -> float:
+    """The run's seconds so far, process 0's on every process when the schedule depends on them."""
+    if config.max_time > 0:
+        return distributed.rank0_value(clock.elapsed(), world, device)
+    return clock.elapsed()
 
 
 class _Clock:
