@@ -3,7 +3,8 @@
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT && git -C /tmp/nanoGPT checkout 3adf61e1
     .venv/bin/python benchmarks/quality_vs_reference.py --reference /tmp/nanoGPT \
         --text ../shared/data/tinyshakespeare.txt [--text OTHER.txt ...] [--budget 600] \
-        [--runs reference,previous,new] [--results benchmarks/results/quality_vs_reference.jsonl]
+        [--runs reference,previous,new,new-bpe] [--vocab-size 1024] \
+        [--results benchmarks/results/quality_vs_reference.jsonl]
 
 For each text, one run of each kind, one after the other (the machine otherwise quiet), each
 given the same wall-clock budget for its training loop:
@@ -18,6 +19,9 @@ given the same wall-clock budget for its training loop:
 * previous: `tinygpt train --config benchmarks/configs/cpu_before_issue16.toml` (the `cpu`
   preset before issue 16) with `max_time` = the budget.
 * new: `tinygpt train --preset cpu` with `max_time` = the budget.
+* new-bpe: the same on the text prepared with a byte-level BPE (`--tokenizer bpe --vocab-size
+  N`, learned from the training split only): bits per character of the same validation text,
+  the score that compares across tokenizers.
 
 Every model is scored the same way, by tinyGPT's `evaluate.split_nats`: the whole validation
 split (the last 10 % of the text in both tools), consecutive windows of the model's own block
@@ -44,7 +48,7 @@ import torch
 from tinygpt.hardware import cpu_description
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("reference", "previous", "new")
+KINDS = ("reference", "previous", "new", "new-bpe")
 REFERENCE_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                     "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                     "--n_embd=128", "--dropout=0.0"]
@@ -125,11 +129,12 @@ def score_reference(reference: Path, checkpoint: Path, val_bin: Path) -> float:
     return round(nats / (len(tokens) - 1) / math.log(2), 4)
 
 
-def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path) -> dict:
+def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path, vocab_size: int) -> dict:
     tinygpt = str(Path(sys.executable).with_name("tinygpt"))
-    data = work / f"data-{name}"
+    tokenizer = ["--tokenizer", "bpe", "--vocab-size", str(vocab_size)] if kind == "new-bpe" else []
+    data = work / (f"data-{name}-bpe{vocab_size}" if tokenizer else f"data-{name}")
     if not (data / "meta.json").exists():
-        subprocess.run([tinygpt, "prepare", str(text), "--out", str(data), "--no-progress"], check=True,
+        subprocess.run([tinygpt, "prepare", str(text), "--out", str(data), "--no-progress", *tokenizer], check=True,
                        stdout=subprocess.DEVNULL)
     out = work / f"{kind}-{name}"
     recipe = ["--config", str(PREVIOUS_CONFIG)] if kind == "previous" else ["--preset", "cpu"]
@@ -144,15 +149,17 @@ def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path) -> 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     iters = max(m.get("iteration", 0) for m in metrics)
     shown = " ".join(command[1:]).replace(str(work) + "/", "").replace(str(ROOT) + "/", "")
+    prepared = " ".join(["tinygpt prepare", text.name, "--out", data.name, *tokenizer])
     return {"iterations": iters, "seconds": round(seconds, 1), "bits_per_char": round(result["bits_per_char"], 4),
-            "command": "tinygpt " + shown}
+            "command": f"{prepared}; tinygpt {shown}", **({"vocab_size": vocab_size} if tokenizer else {})}
 
 
 def table(results: Path) -> str:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     lines = ["| text | recipe | val bits/char | iterations | seconds | CPU |", "|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (r["text"], KINDS.index(r["kind"]))):
-        lines.append(f"| {row['text']} | {row['kind']} | {row['bits_per_char']:.3f} | {row['iterations']:,} | "
+        kind = f"new-bpe{row['vocab_size']}" if row["kind"] == "new-bpe" else row["kind"]
+        lines.append(f"| {row['text']} | {kind} | {row['bits_per_char']:.3f} | {row['iterations']:,} | "
                      f"{row['seconds']:.0f} | {row['cpu']} |")
     return "\n".join(lines)
 
@@ -162,6 +169,7 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help="a clone of the reference implementation")
     parser.add_argument("--text", type=Path, action="append", default=[])
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per run")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="the BPE of the new-bpe runs")
     parser.add_argument("--runs", default=",".join(KINDS), help="which kinds, comma-separated")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality-vs-reference")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" /
@@ -180,7 +188,7 @@ def main() -> None:
             if kind == "reference":
                 result = run_reference(args.reference.resolve(), text.resolve(), name, args.budget, args.work)
             else:
-                result = run_tinygpt(kind, text.resolve(), name, args.budget, args.work)
+                result = run_tinygpt(kind, text.resolve(), name, args.budget, args.work, args.vocab_size)
             row = {"text": name, "kind": kind, "budget": args.budget, "cpu": cpu_description(), **result}
             print(json.dumps(row), flush=True)
             with open(args.results, "a") as out:

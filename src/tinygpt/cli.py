@@ -99,7 +99,10 @@ def cmd_train(args) -> int:
             train_config.processes, train_config.batch_size // train_config.grad_accum, args.device)
         if processes > 1:
             print(f"processes: {processes} ({why}); --set processes=1 trains in one")
-            return distributed.run_local_workers(args.argv, processes)
+            environment = dict(os.environ)
+            if args.omp_wait_policy_asked is None:  # each process chooses (and says) its own
+                environment.pop("OMP_WAIT_POLICY", None)
+            return distributed.run_local_workers(args.argv, processes, environment)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(args.threads_line)
     if args.resume and args.overwrite:
@@ -601,6 +604,7 @@ def _add_experiment_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.omp_wait_policy_asked = os.environ.get("OMP_WAIT_POLICY")
     if args.command in TORCH_COMMANDS:
         # before torch loads; said once the command is under way (errors stay one line)
         args.threads_line = f"threads: {omp.set_for(args.command)}"

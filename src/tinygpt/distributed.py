@@ -194,16 +194,16 @@ def local_processes(requested: int, micro_batch: int, device_name: str) -> tuple
     return count, f"one per core ({cores} physical cores, as many as divide the micro-batch of {micro_batch})"
 
 
-def run_local_workers(argv: list[str], processes: int) -> int:
+def run_local_workers(argv: list[str], processes: int, environment: dict[str, str]) -> int:
     """Run `tinygpt ARGV` as `processes` processes of one job on this machine, as `torchrun
-    --standalone` would: the cores shared out among them, process 0 speaking for the job on the terminal.
-    Ctrl-C and SIGTERM reach every process, which stop together after saving. Returns the
-    job's exit status: process 0's, else the first failing process's (whose last lines of
-    errors are printed then, since process 0 said nothing of them)."""
+    --standalone` would, in `environment`: the cores shared out among them, process 0
+    speaking for the job on the terminal. Ctrl-C and SIGTERM reach every process, which stop
+    together after saving. Returns the job's exit status: process 0's, else the first failing
+    process's (whose last lines of errors are printed then, since process 0 said nothing of them)."""
     port, threads = _free_port(), max(1, physical_cores() // processes)
     workers, tails = [], []
     for rank in range(processes):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+        env = dict(environment, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
                    LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(threads))
         quiet = rank > 0  # the others' errors repeat process 0's, or follow from its failure
