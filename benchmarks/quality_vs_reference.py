@@ -3,7 +3,7 @@
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT && git -C /tmp/nanoGPT checkout 3adf61e1
     .venv/bin/python benchmarks/quality_vs_reference.py --reference /tmp/nanoGPT \
         --text ../shared/data/tinyshakespeare.txt [--text OTHER.txt ...] [--budget 600] \
-        [--runs reference,previous,new,new-bpe] [--vocab-size 1024] \
+        [--runs reference,previous,new,new-bpe] [--vocab-size 1024] [--set KEY=VALUE ...] \
         [--results benchmarks/results/quality_vs_reference.jsonl]
 
 For each text, one run of each kind, one after the other (the machine otherwise quiet), each
@@ -129,15 +129,17 @@ def score_reference(reference: Path, checkpoint: Path, val_bin: Path) -> float:
     return round(nats / (len(tokens) - 1) / math.log(2), 4)
 
 
-def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path, vocab_size: int) -> dict:
+def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path, vocab_size: int,
+                changes: list[str]) -> dict:
     tinygpt = str(Path(sys.executable).with_name("tinygpt"))
     tokenizer = ["--tokenizer", "bpe", "--vocab-size", str(vocab_size)] if kind == "new-bpe" else []
     data = work / (f"data-{name}-bpe{vocab_size}" if tokenizer else f"data-{name}")
     if not (data / "meta.json").exists():
         subprocess.run([tinygpt, "prepare", str(text), "--out", str(data), "--no-progress", *tokenizer], check=True,
                        stdout=subprocess.DEVNULL)
-    out = work / f"{kind}-{name}"
+    out = work / "-".join([kind, name, *changes])
     recipe = ["--config", str(PREVIOUS_CONFIG)] if kind == "previous" else ["--preset", "cpu"]
+    recipe += [] if kind == "previous" else [arg for change in changes for arg in ("--set", change)]
     command = [tinygpt, "train", "--data", str(data), "--out", str(out), *recipe, "--set", f"max_time={budget:g}",
                "--overwrite", "--no-progress"]
     started = time.monotonic()
@@ -151,7 +153,8 @@ def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path, voc
     shown = " ".join(command[1:]).replace(str(work) + "/", "").replace(str(ROOT) + "/", "")
     prepared = " ".join(["tinygpt prepare", text.name, "--out", data.name, *tokenizer])
     return {"iterations": iters, "seconds": round(seconds, 1), "bits_per_char": round(result["bits_per_char"], 4),
-            "command": f"{prepared}; tinygpt {shown}", **({"vocab_size": vocab_size} if tokenizer else {})}
+            "command": f"{prepared}; tinygpt {shown}", **({"vocab_size": vocab_size} if tokenizer else {}),
+            **({"changes": changes} if changes and kind != "previous" else {})}
 
 
 def table(results: Path) -> str:
@@ -159,6 +162,7 @@ def table(results: Path) -> str:
     lines = ["| text | recipe | val bits/char | iterations | seconds | CPU |", "|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (r["text"], KINDS.index(r["kind"]))):
         kind = f"new-bpe{row['vocab_size']}" if row["kind"] == "new-bpe" else row["kind"]
+        kind += "".join(f" {change}" for change in row.get("changes", []))
         lines.append(f"| {row['text']} | {kind} | {row['bits_per_char']:.3f} | {row['iterations']:,} | "
                      f"{row['seconds']:.0f} | {row['cpu']} |")
     return "\n".join(lines)
@@ -170,6 +174,8 @@ def main() -> None:
     parser.add_argument("--text", type=Path, action="append", default=[])
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per run")
     parser.add_argument("--vocab-size", type=int, default=1024, help="the BPE of the new-bpe runs")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a change to the preset for the new and new-bpe runs (as `tinygpt train --set`)")
     parser.add_argument("--runs", default=",".join(KINDS), help="which kinds, comma-separated")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality-vs-reference")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" /
@@ -188,7 +194,8 @@ def main() -> None:
             if kind == "reference":
                 result = run_reference(args.reference.resolve(), text.resolve(), name, args.budget, args.work)
             else:
-                result = run_tinygpt(kind, text.resolve(), name, args.budget, args.work, args.vocab_size)
+                result = run_tinygpt(kind, text.resolve(), name, args.budget, args.work, args.vocab_size,
+                                     args.set or [])
             row = {"text": name, "kind": kind, "budget": args.budget, "cpu": cpu_description(), **result}
             print(json.dumps(row), flush=True)
             with open(args.results, "a") as out:

@@ -298,3 +298,7 @@ def test_how_many_processes_train_starts(monkeypatch):
         distributed.local_processes(3, 32, "cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")  # already one of a job's processes: never a job of jobs
     assert distributed.local_processes(0, 32, "cpu")[0] == 1
+    from tinygpt.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="processes must be 0"):
+        TrainConfig(processes=-1).validate()

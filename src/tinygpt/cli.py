@@ -91,6 +91,8 @@ def cmd_train(args) -> int:
     from tinygpt.train import train
 
     model_config, train_config = _configs(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it over: choose one")
     if train_config.processes != 1:
         from tinygpt import distributed
 
@@ -105,8 +107,6 @@ def cmd_train(args) -> int:
             return distributed.run_local_workers(args.argv, processes, environment)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(args.threads_line)
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues a run and --overwrite starts it over: choose one")
     result = train(args.data, args.out, model_config, train_config, device=args.device, resume=args.resume,
                    progress=not args.no_progress, overwrite=args.overwrite, init_from=args.init_from)
     if result.val_loss is not None and result.rank == 0:

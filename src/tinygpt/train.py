@@ -158,20 +158,18 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
     bar = _progress_bar(run, progress)
     window = _LossWindow(device)
     val_loss, interrupted = None, False
-    # a time budget makes the schedule follow the clock: every process follows process 0's, so
-    # all of them set the same learning rate and stop at the same step
-    elapsed = _shared_elapsed(clock, config, world, device)
     try:
         while state.iteration < config.max_iters:
             run.check_token_files()
             if run.model_config.dropout > 0:
                 torch.manual_seed(dropout_seed(config.seed, world.rank, state.iteration))
-            lr = learning_rate_at(state.iteration, config, elapsed)
+            # a time budget makes the schedule follow the clock: every process follows process
+            # 0's, so all of them set the same learning rate and stop after the same step
+            lr = learning_rate_at(state.iteration, config, _shared_elapsed(clock, config, world, device))
             window.add(train_step(run.step_model, run.ddp_model, state, config, run.precision, device, world, lr))
             state.iteration += 1
             # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
-            elapsed = _shared_elapsed(clock, config, world, device)
-            time_up = config.max_time > 0 and elapsed >= config.max_time
+            time_up = config.max_time > 0 and _shared_elapsed(clock, config, world, device) >= config.max_time
             done = time_up or state.iteration == config.max_iters
             if state.iteration % LOG_INTERVAL == 0 or done:
                 window.report(bar, state.iteration, lr, config, clock, run.model_config.block_size)
