@@ -250,13 +250,15 @@ def test_an_error_of_every_process_is_said_once(tmp_path):
                              str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu", "--set", "processes=2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
+    assert "processes: 2" in result.stdout  # two processes met the error
     assert result.stderr.count("tinygpt train: error:") == 1 and "Traceback" not in result.stderr, result.stderr
     assert "missing" in result.stderr
 
 
-def test_ctrl_c_stops_every_process_after_saving(data_dir, tmp_path):
-    """SIGINT to the launching process (as a terminal's Ctrl-C, which also reaches the workers):
-    the job saves, exits 130, and resumes."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stop_reaches_every_process_which_save(data_dir, tmp_path, stop):
+    """A terminal's Ctrl-C (SIGINT to the launcher and its workers, one process group) or a
+    SIGTERM to the launcher alone (which passes it on): the job saves, exits 130, and resumes."""
     run_dir = tmp_path / "run"
     args = _train_args(data_dir, run_dir, "--set", "processes=2")
     args[args.index("--max-iters") + 1] = "100000"
@@ -267,7 +269,10 @@ def test_ctrl_c_stops_every_process_after_saving(data_dir, tmp_path):
         while not (run_dir / "last.json").exists():  # training is under way
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()
             time.sleep(0.05)
-        os.killpg(job.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(job.pid, signal.SIGINT)
+        else:
+            job.send_signal(signal.SIGTERM)
         _, stderr = job.communicate(timeout=120)
     finally:
         if job.poll() is None:

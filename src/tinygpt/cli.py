@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
         processes, why = distributed.local_processes(
             train_config.processes, train_config.batch_size // train_config.grad_accum, args.device)
         if processes > 1:
-            print(f"processes: {processes} ({why}); --set processes=1 trains in one")
+            print(f"processes: {processes} ({why}); --set processes=1 trains in one", flush=True)
             environment = dict(os.environ)
             if args.omp_wait_policy_asked is None:  # each process chooses (and says) its own
                 environment.pop("OMP_WAIT_POLICY", None)

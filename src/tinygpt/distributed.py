@@ -1,7 +1,7 @@
 """Running as one of several processes under `torchrun`: joining, agreeing, failing clearly.
 
 `tinygpt train` can also start such a job itself on one CPU machine (`local_processes`,
-`run_local_workers`): one process per core, each with one thread. The training loop never
+`run_local_workers`): one process per core, the cores shared out among them. The training loop never
 asks how many processes there are; it calls these helpers, which
 do nothing when the process is alone. DDP itself wraps the model (`wrap`); the model never
 knows about ranks.
@@ -172,7 +172,7 @@ def physical_cores() -> int:
 def local_processes(requested: int, micro_batch: int, device_name: str) -> tuple[int, str]:
     """How many training processes `tinygpt train` starts here (1: it trains itself), and why.
 
-    On a CPU, one process per core, each with one thread, keeps both cores busier than one
+    On a CPU, one process per core, each with one thread, keeps the cores busier than one
     process whose OpenMP threads meet at every operation (BENCHMARKS.md, "Processes or threads")."""
     if "WORLD_SIZE" in os.environ:
         return 1, "already one of a job's processes"
@@ -196,38 +196,44 @@ def local_processes(requested: int, micro_batch: int, device_name: str) -> tuple
 
 def run_local_workers(argv: list[str], processes: int, environment: dict[str, str]) -> int:
     """Run `tinygpt ARGV` as `processes` processes of one job on this machine, as `torchrun
-    --standalone` would, in `environment`: the cores shared out among them, process 0
-    speaking for the job on the terminal. Ctrl-C and SIGTERM reach every process, which stop
-    together after saving. Returns the job's exit status: process 0's, else the first failing
-    process's (whose last lines of errors are printed then, since process 0 said nothing of them)."""
-    port, threads = _free_port(), max(1, physical_cores() // processes)
-    workers, tails = [], []
-    for rank in range(processes):
-        env = dict(environment, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                   LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads))
-        quiet = rank > 0  # the others' errors repeat process 0's, or follow from its failure
-        worker = subprocess.Popen([sys.executable, "-m", "tinygpt", *argv], env=env,
-                                  stdout=subprocess.DEVNULL if quiet else None,
-                                  stderr=subprocess.PIPE if quiet else None, text=True)
-        workers.append(worker)
-        tails.append(_keep_tail(worker.stderr) if quiet else None)
+    --standalone` would, in `environment`: the cores shared out among them (unless
+    OMP_NUM_THREADS is set), process 0 speaking for the job on the terminal. Ctrl-C and SIGTERM
+    reach every process, which stop together after saving. Returns the job's exit status:
+    process 0's, else the first failing process's. Another process's last lines are printed
+    when it failed in a way process 0 cannot have said (a crash, a signal)."""
+    port = _free_port()
+    threads = environment.get("OMP_NUM_THREADS") or str(max(1, physical_cores() // processes))
+    workers: list[subprocess.Popen] = []
+    tails = []
     forwarded = {signum: signal.signal(signum, lambda number, frame: _forward(workers, number))
                  for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for rank in range(processes):
+            env = dict(environment, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                       LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       OMP_NUM_THREADS=threads)
+            quiet = rank > 0  # the others' errors repeat process 0's, or follow from its failure
+            worker = subprocess.Popen([sys.executable, "-m", "tinygpt", *argv], env=env,
+                                      stdout=subprocess.DEVNULL if quiet else None,
+                                      stderr=subprocess.PIPE if quiet else None, text=True)
+            workers.append(worker)
+            tails.append(_keep_tail(worker.stderr) if quiet else None)
         codes = [worker.wait() for worker in workers]
     finally:
         for signum, handler in forwarded.items():
             signal.signal(signum, handler)
-    if codes[0]:
-        return codes[0]
     for rank, code in enumerate(codes):
-        if code:
-            tails[rank][1].join()
-            print(f"tinygpt train: process {rank} of {processes} failed (exit {code}):", file=sys.stderr)
-            sys.stderr.write("".join(tails[rank][0]))
-            return code
-    return 0
+        if code < 0:
+            print(f"tinygpt train: process {rank} of {processes} was killed by signal {-code}", file=sys.stderr)
+        if rank > 0 and code not in (0, 130):  # 130: stopped by Ctrl-C, as process 0 said
+            tails[rank][1].join(timeout=5)
+            said = "".join(tails[rank][0])
+            if "tinygpt train: error:" not in said and said.strip():
+                print(f"tinygpt train: process {rank} of {processes} failed (exit {code}):", file=sys.stderr)
+                sys.stderr.write(said)
+    failed = [code for code in codes if code]
+    code = codes[0] or (failed[0] if failed else 0)
+    return 128 - code if code < 0 else code
 
 
 def _forward(workers: list[subprocess.Popen], signum: int) -> None:
