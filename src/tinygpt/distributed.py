@@ -173,7 +173,7 @@ def local_processes(requested: int, micro_batch: int, device_name: str) -> tuple
     """How many training processes `tinygpt train` starts here (1: it trains itself), and why.
 
     On a CPU, one process per core, each with one thread, keeps the cores busier than one
-    process whose OpenMP threads meet at every operation (BENCHMARKS.md, "Processes or threads")."""
+    process whose OpenMP threads meet at every operation (README.md, "All of a CPU's cores")."""
     if "WORLD_SIZE" in os.environ:
         return 1, "already one of a job's processes"
     if requested == 1:
