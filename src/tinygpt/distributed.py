@@ -157,8 +157,33 @@ def any_rank(flag: bool, world: Distributed, device: torch.device) -> bool:
 MOST_LOCAL_PROCESSES = 8  # processes=0 stops here: past it, each process's share of a batch gets small
 
 
+CGROUP = Path("/sys/fs/cgroup")  # this process's control group, as a container sees its own
+
+
+def quota_cores(cgroup: Path = CGROUP) -> int | None:
+    """The whole CPUs a control group's CPU quota allows (at least 1), or None without a quota.
+    A container limited to fewer CPUs than the machine shows it has one: cgroup v2's cpu.max
+    ("QUOTA PERIOD", or "max ..."), else cgroup v1's cpu.cfs_quota_us and cpu.cfs_period_us."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    if quota_us <= 0 or period_us <= 0:  # v1 writes -1 for no quota
+        return None
+    return max(1, quota_us // period_us)
+
+
 def physical_cores() -> int:
-    """The cores this process may run on, each counted once however many hardware threads it has."""
+    """The cores this process may run on, each counted once however many hardware threads it
+    has, and no more than its control group's CPU quota allows."""
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
     for cpu in allowed:
@@ -166,7 +191,8 @@ def physical_cores() -> int:
             cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
         except OSError:  # no topology to read: count the hardware thread as a core
             cores.add(str(cpu))
-    return max(1, len(cores))
+    quota = quota_cores()
+    return max(1, min(len(cores), quota) if quota else len(cores))
 
 
 def local_processes(requested: int, micro_batch: int, device_name: str) -> tuple[int, str]:
