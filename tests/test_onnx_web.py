@@ -9,6 +9,7 @@ runs it ahead of the tests)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,22 @@ FP32_TOLERANCE = 1e-4
 # int8 vs float32): 4e-6 on these test models (max difference 9.5e-7: no step moved); on three
 # windows of a trained 3.2M-parameter run 1e-5, 0.09 and 0.18 (max 0.045), argmax always equal.
 INT8_SHARE_OF_QUANTIZATION = 0.25
+
+
+def exact_int8_products() -> bool:
+    """Whether Python onnxruntime's int8 matrix products are exact on this CPU. On an x86 CPU
+    without VNNI (AVX2 only, as some virtual machines show even an AMD Zen 4), onnxruntime's
+    documentation says its u8s8 kernels (VPMADDUBSW) may saturate, and there its int8 logits
+    were as far from the browser's as from float32: there only the argmax is compared."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 @pytest.fixture(scope="module")
@@ -106,5 +123,7 @@ def test_onnxruntime_web_in_chromium_gives_our_logits_and_onnxruntimes_int8_ones
     # the int8 file really ran (float32 logits would be as far from Python's int8 ones as int8 is)
     quantization = relative_difference(web_fp32[-1], python_int8)
     assert quantization > 1e-3
-    assert relative_difference(web_int8, python_int8) < INT8_SHARE_OF_QUANTIZATION * quantization
+    assert relative_difference(web_int8, web_fp32[-1]) > 1e-3  # int8 ran in the browser too
+    if exact_int8_products():
+        assert relative_difference(web_int8, python_int8) < INT8_SHARE_OF_QUANTIZATION * quantization
     assert (web_int8.argmax(-1) == python_int8.argmax(-1)).mean() >= 0.9
