@@ -315,6 +315,7 @@ def test_how_many_processes_train_starts(monkeypatch):
     ({"cpu.max": "max 100000\n"}, None),  # cgroup v2 without a quota
     ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 3),
     ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU still trains
     ({}, None),  # no control group files at all
 ])
@@ -325,7 +326,7 @@ def test_a_containers_cpu_quota_caps_the_cores(tmp_path, monkeypatch, files, cor
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert distributed.quota_cores(tmp_path) == cores
+    monkeypatch.setattr(distributed, "quota_cores", lambda cgroup=tmp_path: None)
+    unlimited = distributed.physical_cores()
     monkeypatch.setattr(distributed, "quota_cores", lambda cgroup=tmp_path: cores)
-    unlimited = len({Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
-                     for cpu in os.sched_getaffinity(0)})
     assert distributed.physical_cores() == (min(unlimited, cores) if cores else unlimited)

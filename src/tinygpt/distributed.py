@@ -167,10 +167,14 @@ def quota_cores(cgroup: Path = CGROUP) -> int | None:
     try:
         quota, period = (cgroup / "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
-        try:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
+        for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):  # v1's controller folder, by its names
+            try:
+                quota = (cgroup / folder / "cpu.cfs_quota_us").read_text().strip()
+                period = (cgroup / folder / "cpu.cfs_period_us").read_text().strip()
+                break
+            except OSError:
+                continue
+        else:
             return None
     try:
         quota_us, period_us = int(quota), int(period)
