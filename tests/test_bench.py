@@ -146,3 +146,23 @@ def test_compiled_training_runs_on_cpu():
                                      {"float32": 1e9, "bfloat16": 1e9}, batch_size=2, repeats=1, warmup=1,
                                      compile=True)
     assert figures.compiled and figures.tokens_per_second > 0
+
+
+def test_a_matmul_too_slow_for_its_time_budget_is_measured_smaller(monkeypatch):
+    # an emulated bf16 on a CPU without it: a 2048 multiply would take a minute; the ceiling must not
+    from tinygpt import hardware
+
+    sides = []
+
+    def slow_multiply(a, b):
+        sides.append(a.shape[0])
+        return 1e-9 * a.shape[0] ** 3  # 1 GFLOP/s-ish: 2048^3 -> 8.6 s
+
+    monkeypatch.setattr(hardware, "_timed_multiply", slow_multiply)
+    fitting = hardware.fitting_size(torch.float32, 2048, "cpu", seconds=1.0)
+    assert fitting in (999, 1000)  # 2048 * (1 s / 8.6 s) ** (1/3), rounded down
+    assert hardware.fitting_size(torch.float32, 2048, "cpu", seconds=10.0) == 2048
+    assert hardware.fitting_size(torch.float32, 2048, "cpu", seconds=1e-9) == 128
+    sides.clear()
+    hardware.matmul_flops_per_second(torch.float32, 2048, repeats=2, seconds=1.0)
+    assert sides == [128, fitting, fitting]  # the probe, then two timed repeats at the fitting side

@@ -485,7 +485,9 @@ def _add_serving_and_measuring_commands(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=1000, help="characters generated (default 1000)")
     p.add_argument("--prepare-mb", type=float, default=16.0, help="size of the generated corpus (default 16 MB)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--matmul-size", type=int, help="side of the ceiling matmuls (default 2048; 8192 on CUDA)")
+    p.add_argument("--matmul-size", type=int,
+                   help="side of the ceiling matmuls (default 2048; 8192 on CUDA; smaller where one would take "
+                        "over a second, as bf16 on a CPU without it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -75,22 +75,50 @@ def cpu_description() -> str:
 
 
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 5,
-                            device: torch.device | str = "cpu") -> float:
-    """Best-of-`repeats` FLOP/s of a size x size matmul."""
-    generator = torch.Generator().manual_seed(0)  # not the global one: timing moves no run's RNG
-    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+                            device: torch.device | str = "cpu", seconds: float = 1.0) -> float:
+    """Best-of-`repeats` FLOP/s of a size x size matmul.
+
+    A CPU without native bf16 emulates it so slowly that one large bf16 multiply can take a minute;
+    so a small multiply is timed first, and where the asked-for one would take longer than `seconds`
+    the side is shrunk until it fits (never below 128). The rate it measures is then that of the
+    smaller multiply, which is all an emulated precision needs: it is far below fp32 either way.
+    """
+    size = fitting_size(dtype, size, device, seconds)
+    a, b = _random_pair(size, dtype, device)
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, _timed_multiply(a, b))
     return 2 * size**3 / best
+
+
+def fitting_size(dtype: torch.dtype, size: int, device: torch.device | str, seconds: float) -> int:
+    """The largest side up to `size` whose multiply, timed at a side of 128 and scaled by the cube, fits `seconds`."""
+    probe = min(size, 128)
+    a, b = _random_pair(probe, dtype, device)
+    a @ b  # warm up
+    estimate = _timed_multiply(a, b) * (size / probe) ** 3
+    if estimate <= seconds:
+        return size
+    return max(probe, int(size * (seconds / estimate) ** (1 / 3)))
+
+
+def _random_pair(size: int, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)  # not the global one: timing moves no run's RNG
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    return a, b
+
+
+def _timed_multiply(a: torch.Tensor, b: torch.Tensor) -> float:
+    cuda = a.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 @dataclass
