@@ -27,8 +27,10 @@ demo: setup
 	$(BIN)/tinygpt eval $(RUN) --data $(DATA)
 	$(BIN)/tinygpt sample $(RUN) --prompt "ROMEO:" --max-new-tokens 200
 
+# one worker per core (pytest-xdist), each test file kept whole on one worker: most tests wait on a
+# single-threaded subprocess, so a second worker uses the core that would otherwise idle
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # the tests marked slow (each over ~20 s), which `make test` skips; CI runs them after it
 test-slow: setup

@@ -8,6 +8,14 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto` (make test): one worker per core this process may use, counted as
+    `processes = 0` counts them (affinity, hardware threads once, the container's CPU quota)."""
+    from tinygpt.distributed import physical_cores
+
+    return physical_cores()
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 

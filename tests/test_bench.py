@@ -156,13 +156,25 @@ def test_a_matmul_too_slow_for_its_time_budget_is_measured_smaller(monkeypatch):
 
     def slow_multiply(a, b):
         sides.append(a.shape[0])
-        return 1e-9 * a.shape[0] ** 3  # 1 GFLOP/s-ish: 2048^3 -> 8.6 s
+        return 1e-9 * a.shape[0] ** 3  # compute-bound: 2048^3 -> 8.6 s
 
     monkeypatch.setattr(hardware, "_timed_multiply", slow_multiply)
     fitting = hardware.fitting_size(torch.float32, 2048, "cpu", seconds=1.0)
     assert fitting in (999, 1000)  # 2048 * (1 s / 8.6 s) ** (1/3), rounded down
+    assert sides == [128, 256, 512]  # probes double until one takes 50 ms (512^3: 134 ms)
     assert hardware.fitting_size(torch.float32, 2048, "cpu", seconds=10.0) == 2048
     assert hardware.fitting_size(torch.float32, 2048, "cpu", seconds=1e-9) == 128
     sides.clear()
     hardware.matmul_flops_per_second(torch.float32, 2048, repeats=2, seconds=1.0)
-    assert sides == [128, fitting, fitting]  # the probe, then two timed repeats at the fitting side
+    assert sides == [128, 256, 512, fitting, fitting]  # the probes, then two timed repeats at the fitting side
+
+
+def test_a_launch_bound_probe_does_not_shrink_a_multiply_that_fits(monkeypatch):
+    # on a GPU a small multiply takes its launch time whatever its side: scaled by the cube, a
+    # 128-sided probe would make an 8192 multiply look 40 s long
+    from tinygpt import hardware
+
+    sides = []
+    monkeypatch.setattr(hardware, "_timed_multiply", lambda a, b: sides.append(a.shape[0]) or 1e-5)
+    assert hardware.fitting_size(torch.float32, 8192, "cpu", seconds=1.0) == 8192
+    assert sides == [128, 256]  # 256: 1e-5 s * 32^3 = 0.33 s fits

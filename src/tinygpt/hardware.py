@@ -79,8 +79,8 @@ def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int =
     """Best-of-`repeats` FLOP/s of a size x size matmul.
 
     A CPU without native bf16 emulates it so slowly that one large bf16 multiply can take a minute;
-    so a small multiply is timed first, and where the asked-for one would take longer than `seconds`
-    the side is shrunk until it fits (never below 128). The rate it measures is then that of the
+    so smaller multiplies are timed first, and where the asked-for one would take longer than
+    `seconds` its side is shrunk to fit (never below 128). The rate it measures is then that of the
     smaller multiply, which is all an emulated precision needs: it is far below fp32 either way.
     """
     size = fitting_size(dtype, size, device, seconds)
@@ -92,15 +92,22 @@ def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int =
     return 2 * size**3 / best
 
 
-def fitting_size(dtype: torch.dtype, size: int, device: torch.device | str, seconds: float) -> int:
-    """The largest side up to `size` whose multiply, timed at a side of 128 and scaled by the cube, fits `seconds`."""
+def fitting_size(dtype: torch.dtype, size: int, device: torch.device | str, seconds: float,
+                 probe_seconds: float = 0.05) -> int:
+    """The largest side up to `size` whose multiply fits `seconds`, estimated from a smaller one by
+    the cube of the sides. A tiny multiply costs its launch more than its arithmetic (on a GPU most
+    of all), so the probe's side doubles, from 128, until its own time reaches `probe_seconds`."""
     probe = min(size, 128)
-    a, b = _random_pair(probe, dtype, device)
-    a @ b  # warm up
-    estimate = _timed_multiply(a, b) * (size / probe) ** 3
-    if estimate <= seconds:
-        return size
-    return max(probe, int(size * (seconds / estimate) ** (1 / 3)))
+    while True:
+        a, b = _random_pair(probe, dtype, device)
+        a @ b  # warm up
+        taken = _timed_multiply(a, b)
+        estimate = taken * (size / probe) ** 3
+        if estimate <= seconds:
+            return size
+        if taken >= probe_seconds or probe * 2 > size:
+            return max(min(size, 128), int(size * (seconds / estimate) ** (1 / 3)))
+        probe *= 2
 
 
 def _random_pair(size: int, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
