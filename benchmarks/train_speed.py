@@ -108,8 +108,8 @@ def worker(args) -> None:
     if args.variant == "ceiling":
         from tinygpt.bench import matmul_ceilings
 
-        ceilings = matmul_ceilings(torch.device("cpu"), size=args.matmul_size, repeats=5)
-        print(json.dumps({"variant": "ceiling", **ceilings}))
+        ceilings, sides = matmul_ceilings(torch.device("cpu"), size=args.matmul_size, repeats=5)
+        print(json.dumps({"variant": "ceiling", **ceilings, "sides": sides}))
         return
     started = time.perf_counter()
     step, precision = build(args.variant, args.batch_size)
@@ -281,8 +281,11 @@ def main() -> None:
             print(f"  round {round_index + 1} {variant:18s} {detail}", flush=True)
 
     ceiling = {name: statistics.median(r[name] for r in results["ceiling"]) for name in ("float32", "bfloat16")}
-    print(f"\nmatmul ceilings ({args.matmul_size}^3, median of rounds): fp32 {ceiling['float32'] / 1e9:.0f}, "
-          f"bf16 {ceiling['bfloat16'] / 1e9:.0f} GFLOP/s; threads {results[variants[0]][0]['threads']}")
+    sides = {name: sorted({r["sides"][name] for r in results["ceiling"]}) for name in ("float32", "bfloat16")}
+    shown = {name: "/".join(f"{side}^3" for side in sides[name]) for name in sides}
+    print(f"\nmatmul ceilings (median of rounds): fp32 {ceiling['float32'] / 1e9:.0f} ({shown['float32']}), "
+          f"bf16 {ceiling['bfloat16'] / 1e9:.0f} GFLOP/s ({shown['bfloat16']}); "
+          f"threads {results[variants[0]][0]['threads']}")
     base = args.baseline if args.baseline in results else None
     header = (f"| variant | tokens/s (median) | min..max | vs {base or '-'} | GFLOP/s | % of fp32 ceiling "
               "| % of bf16 ceiling |")

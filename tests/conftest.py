@@ -8,9 +8,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: without it installed, never called
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` (make test): one worker per core this process may use, counted as
-    `processes = 0` counts them (affinity, hardware threads once, the container's CPU quota)."""
+    `processes = 0` counts them (affinity, hardware threads once, the container's CPU quota).
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides where it is set (None: xdist's own hook runs)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     from tinygpt.distributed import physical_cores
 
     return physical_cores()

@@ -28,7 +28,7 @@ import torch
 
 from tinygpt import speed
 from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset, train_config_from_dict
-from tinygpt.hardware import Precision, configure_backends, cpu_description, matmul_flops_per_second
+from tinygpt.hardware import Precision, configure_backends, cpu_description, measure_matmul
 from tinygpt.model import GPT
 
 FLOP_FORMULA = "FLOPs/token = 6N + 12*L*C*T (N matmul weights, L layers, C n_embd, T block_size)"
@@ -55,11 +55,14 @@ def median_rate(work: float, run: Callable[[], None], repeats: int, warmup: int,
     return statistics.median(rates), rates
 
 
-def matmul_ceilings(device: torch.device, size: int | None = None, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of one large fp32 and one large bf16 matmul: what this device can do at best."""
+def matmul_ceilings(device: torch.device, size: int | None = None,
+                    repeats: int = 5) -> tuple[dict[str, float], dict[str, int]]:
+    """FLOP/s of one large fp32 and one large bf16 matmul: what this device can do at best; and the
+    side each had (smaller than asked where it would have taken over a second: hardware.measure_matmul)."""
     size = size or (8192 if device.type == "cuda" else 2048)
-    return {name: matmul_flops_per_second(dtype, size=size, repeats=repeats, device=device)
-            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    measured = {name: measure_matmul(dtype, size, repeats, device)
+                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    return {name: rate for name, (rate, _) in measured.items()}, {name: side for name, (_, side) in measured.items()}
 
 
 class FixedBatch:
@@ -204,6 +207,7 @@ class BenchResult:
     preparation_mb_per_second: float | None = None
     flop_formula: str = FLOP_FORMULA
     omp_wait_policy: str | None = None  # what the command chose, and why (omp.py)
+    ceiling_sides: dict[str, int] = field(default_factory=dict)  # each ceiling matmul's side
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -263,7 +267,7 @@ def _run_bench(preset, run_dir, device, batch_size, repeats, warmup, compile, ge
     precision = plan.precision
 
     say("matmul ceilings")
-    ceilings = matmul_ceilings(device_, matmul_size)
+    ceilings, sides = matmul_ceilings(device_, matmul_size)
     say(f"training ({precision.name}{', compiled' if compile else ''})")
     training = measure_training(model_config, train_config, device_, plan, ceilings, batch_size,
                                 repeats, warmup, compile)
@@ -289,13 +293,18 @@ def _run_bench(preset, run_dir, device, batch_size, repeats, warmup, compile, ge
     preparation, _ = measure_preparation(prepare_megabytes, generation_repeats)
     return BenchResult(source, str(device_), cpu_description() if device_.type == "cpu" else _device_name(device_),
                        torch.get_num_threads(), precision.name, precision.reason, ceilings, training, generation,
-                       preparation)
+                       preparation, ceiling_sides=sides)
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+def _side(result: BenchResult, name: str) -> str:
+    side = result.ceiling_sides.get(name)
+    return f" ({side:,}^3)" if side else ""
 
 
 def format_table(result: BenchResult) -> str:
@@ -307,8 +316,8 @@ def format_table(result: BenchResult) -> str:
         ("device", f"{result.device}: {result.cpu}" + (f", {result.threads} threads" if threads_matter else "")),
         ("precision", result.precision_reason),
         *((("OpenMP waits", result.omp_wait_policy),) if result.omp_wait_policy else ()),
-        ("matmul ceiling fp32", f"{result.ceilings['float32'] / g_flops:,.0f} GFLOP/s"),
-        ("matmul ceiling bf16", f"{result.ceilings['bfloat16'] / g_flops:,.0f} GFLOP/s"),
+        *((f"matmul ceiling {short}", f"{result.ceilings[name] / g_flops:,.0f} GFLOP/s{_side(result, name)}")
+          for short, name in (("fp32", "float32"), ("bf16", "bfloat16"))),
         ("training", f"batch {t.batch_size} x block {t.block_size}{', compiled' if t.compiled else ''}"),
         *((f"  {line.split(':', 1)[0]}", line.split(":", 1)[1].strip()) for line in t.speed_paths),
         ("  tokens/s", f"{t.tokens_per_second:,.0f} (median; runs "

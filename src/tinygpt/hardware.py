@@ -76,28 +76,37 @@ def cpu_description() -> str:
 
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 5,
                             device: torch.device | str = "cpu", seconds: float = 1.0) -> float:
-    """Best-of-`repeats` FLOP/s of a size x size matmul.
+    """Best-of-`repeats` FLOP/s of a size x size matmul (or of a smaller one: see measure_matmul)."""
+    return measure_matmul(dtype, size, repeats, device, seconds)[0]
 
-    A CPU without native bf16 emulates it so slowly that one large bf16 multiply can take a minute;
-    so smaller multiplies are timed first, and where the asked-for one would take longer than
-    `seconds` its side is shrunk to fit (never below 128). The rate it measures is then that of the
-    smaller multiply, which is all an emulated precision needs: it is far below fp32 either way.
+
+def measure_matmul(dtype: torch.dtype, size: int, repeats: int = 5, device: torch.device | str = "cpu",
+                   seconds: float = 1.0) -> tuple[float, int]:
+    """Best-of-`repeats` FLOP/s of a square matmul, and the side it had.
+
+    A CPU without native bf16 emulates it so slowly that one large bf16 multiply can take a minute.
+    So smaller multiplies are timed first, and where the asked-for side would take longer than
+    `seconds` the measured one is cut to fit (fitting_size); the callers report the side used.
     """
-    size = fitting_size(dtype, size, device, seconds)
-    a, b = _random_pair(size, dtype, device)
+    side = fitting_size(dtype, size, device, seconds)
+    a, b = _random_pair(side, dtype, device)
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):
         best = min(best, _timed_multiply(a, b))
-    return 2 * size**3 / best
+    return 2 * side**3 / best, side
 
 
 def fitting_size(dtype: torch.dtype, size: int, device: torch.device | str, seconds: float,
                  probe_seconds: float = 0.05) -> int:
-    """The largest side up to `size` whose multiply fits `seconds`, estimated from a smaller one by
-    the cube of the sides. A tiny multiply costs its launch more than its arithmetic (on a GPU most
-    of all), so the probe's side doubles, from 128, until its own time reaches `probe_seconds`."""
-    probe = min(size, 128)
+    """The side up to `size` whose multiply fits `seconds`, estimated from a smaller one by the cube
+    of the sides, rounded down to a multiple of 64 (the fast paths' tiles), and at least
+    min(size, 128). A tiny multiply costs its launch more than its arithmetic (on a GPU most of
+    all), so the probe's side doubles, from 128, until its own time reaches `probe_seconds`."""
+    if size <= 0 or not seconds > 0:
+        raise ValueError(f"a matmul side and a time budget must be positive, got {size} and {seconds}")
+    floor = min(size, 128)
+    probe = floor
     while True:
         a, b = _random_pair(probe, dtype, device)
         a @ b  # warm up
@@ -106,7 +115,7 @@ def fitting_size(dtype: torch.dtype, size: int, device: torch.device | str, seco
         if estimate <= seconds:
             return size
         if taken >= probe_seconds or probe * 2 > size:
-            return max(min(size, 128), int(size * (seconds / estimate) ** (1 / 3)))
+            return max(floor, int(size * (seconds / estimate) ** (1 / 3)) // 64 * 64)
         probe *= 2
 
 
@@ -120,11 +129,11 @@ def _random_pair(size: int, dtype: torch.dtype, device: torch.device | str) -> t
 def _timed_multiply(a: torch.Tensor, b: torch.Tensor) -> float:
     cuda = a.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(a.device)
     start = time.perf_counter()
     a @ b
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(a.device)
     return time.perf_counter() - start
 
 
@@ -153,10 +162,10 @@ def _cpu_bf16_choice() -> Precision:
     native = sorted(flags & {"avx512_bf16", "amx_bf16"})
     if not native:
         return Precision(torch.float32, "float32: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)")
-    fp32 = matmul_flops_per_second(torch.float32)
-    bf16 = matmul_flops_per_second(torch.bfloat16)
+    bf16, side = measure_matmul(torch.bfloat16, 1024)
+    fp32 = matmul_flops_per_second(torch.float32, side)  # the same side (cut only if bf16 is that slow)
     ratio = bf16 / fp32
-    summary = f"{'/'.join(native)}; 1024^3 matmul bf16 {bf16 / 1e9:.0f} vs fp32 {fp32 / 1e9:.0f} GFLOP/s"
+    summary = f"{'/'.join(native)}; {side}^3 matmul bf16 {bf16 / 1e9:.0f} vs fp32 {fp32 / 1e9:.0f} GFLOP/s"
     if ratio > 1.2:
         return Precision(torch.bfloat16, f"bfloat16 autocast: {summary} ({ratio:.1f}x)")
     return Precision(torch.float32, f"float32: {summary}, bf16 not faster ({ratio:.2f}x)")
