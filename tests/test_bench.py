@@ -149,7 +149,7 @@ def test_compiled_training_runs_on_cpu():
 
 
 def test_a_matmul_too_slow_for_its_time_budget_is_measured_smaller(monkeypatch):
-    # an emulated bf16 on a CPU without it: a 2048 multiply would take a minute; the ceiling must not
+    # an emulated bf16 on a CPU without it: a 2048 multiply would take a minute; measuring its ceiling must not
     from tinygpt import hardware
 
     sides = []
