@@ -107,3 +107,21 @@ def test_exports_refuse_options_their_targets_lack(options, fragment):
         hf_target(config)
     with pytest.raises(ExportError, match=fragment):
         architecture_for(config)
+
+
+def test_muon_lr_gives_muon_its_own_peak_and_the_schedule_moves_both_rates():
+    from tinygpt.optim import build_optimizers, set_learning_rate
+
+    config = TrainConfig(optimizer="muon", learning_rate=2e-3, muon_lr=6e-3)
+    adamw, muon = build_optimizers(model_of(), config, torch.device("cpu"))
+    assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["lr"] == pytest.approx(6e-3)
+    set_learning_rate([adamw, muon], 1e-3)  # a third of the way down, say
+    assert [g["lr"] for g in adamw.param_groups] == [1e-3] * len(adamw.param_groups)
+    assert muon.param_groups[0]["lr"] == pytest.approx(3e-3)
+    _, same = build_optimizers(model_of(), TrainConfig(optimizer="muon", learning_rate=2e-3), torch.device("cpu"))
+    assert same.param_groups[0]["lr"] == pytest.approx(2e-3)  # muon_lr 0: Muon follows learning_rate
+
+
+def test_bad_muon_lr():
+    with pytest.raises(ConfigError, match="muon_lr must be >= 0"):
+        TrainConfig(optimizer="muon", muon_lr=-1.0).validate()

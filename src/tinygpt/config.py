@@ -80,6 +80,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the total
     optimizer: str = "adamw"  # "adamw", or "muon" for hidden matrices (AdamW for the rest)
+    muon_lr: float = 0.0  # Muon's peak rate (0: learning_rate); the schedule scales it as it scales learning_rate
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
     # CPU training as several processes of one data-parallel job, the cores shared out, which
@@ -107,6 +108,8 @@ class TrainConfig:
             )
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.muon_lr >= 0:
+            raise ConfigError(f"muon_lr must be >= 0 (0: learning_rate), got {self.muon_lr}")
         if self.max_time < 0:
             raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time}")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -28,10 +28,11 @@ def build_optimizers(model: torch.nn.Module, config: TrainConfig, device: torch.
         torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
     ]
     if muon_params:
-        optimizers.append(
-            torch.optim.Muon(muon_params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                             adjust_lr_fn="match_rms_adamw")
-        )
+        muon_lr = config.muon_lr or config.learning_rate
+        muon = torch.optim.Muon(muon_params, lr=muon_lr, weight_decay=config.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+        muon.param_groups[0]["lr_scale"] = muon_lr / config.learning_rate  # the schedule moves both rates together
+        optimizers.append(muon)
     return optimizers
 
 
@@ -54,6 +55,7 @@ def learning_rate_at(iteration: int, config: TrainConfig, elapsed: float = 0.0) 
 
 
 def set_learning_rate(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
+    """lr is the schedule's AdamW rate; a group with an lr_scale (Muon's, when muon_lr is set) takes that multiple."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
