@@ -115,7 +115,7 @@ def test_muon_lr_gives_muon_its_own_peak_and_the_schedule_moves_both_rates():
     config = TrainConfig(optimizer="muon", learning_rate=2e-3, muon_lr=6e-3)
     adamw, muon = build_optimizers(model_of(), config, torch.device("cpu"))
     assert isinstance(muon, torch.optim.Muon) and muon.param_groups[0]["lr"] == pytest.approx(6e-3)
-    set_learning_rate([adamw, muon], 1e-3)  # a third of the way down, say
+    set_learning_rate([adamw, muon], 1e-3)  # the schedule at half its peak
     assert [g["lr"] for g in adamw.param_groups] == [1e-3] * len(adamw.param_groups)
     assert muon.param_groups[0]["lr"] == pytest.approx(3e-3)
     _, same = build_optimizers(model_of(), TrainConfig(optimizer="muon", learning_rate=2e-3), torch.device("cpu"))
