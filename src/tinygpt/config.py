@@ -81,6 +81,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the total
     optimizer: str = "adamw"  # "adamw", or "muon" for hidden matrices (AdamW for the rest)
     muon_lr: float = 0.0  # Muon's peak rate (0: learning_rate); the schedule scales it as it scales learning_rate
+    # raise dropout above the model's (its floor) by how many times the run will see its training
+    # tokens (train.dropout_for_epochs); decided once, early, and recorded in the run's config
+    auto_dropout: bool = False
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
     # CPU training as several processes of one data-parallel job, the cores shared out, which
@@ -185,7 +188,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             batch_size=32, learning_rate=2e-3, min_lr=2e-4, schedule="wsd", decay_fraction=0.3,
             warmup_iters=100, max_iters=20000, max_time=540.0, eval_interval=250, eval_iters=20,
-            weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, processes=0,
+            weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, processes=0, auto_dropout=True,
         ),
     ),
     # Small enough for the test suite to train in seconds.

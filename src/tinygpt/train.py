@@ -38,19 +38,27 @@ from tinygpt.errors import CheckpointError, ConfigError, DataError, TinyGPTError
 from tinygpt.evaluate import split_nats
 from tinygpt.hardware import Precision, configure_backends, cpu_has_native_bf16
 from tinygpt.metrics import append_row, bits, evaluation_row, plot_losses
-from tinygpt.model import GPT
+from tinygpt.model import GPT, CausalSelfAttention
 from tinygpt.optim import build_optimizers, learning_rate_at, set_learning_rate
 from tinygpt.tokenizer import Tokenizer
 from tinygpt.training_state import TrainingState
 
 __all__ = ["train", "train_step", "TrainResult", "TrainingDiverged", "build_optimizers", "learning_rate_at",
-           "dropout_seed", "RESUMABLE_KEYS"]
+           "dropout_seed", "dropout_for_epochs", "RESUMABLE_KEYS"]
 
 LOG_INTERVAL = 10  # iterations between progress-bar updates (the only host syncs)
 # what may change when a run continues; anything else would make it a different run
 RESUMABLE_KEYS = ("max_iters", "max_time", "eval_interval", "eval_iters", "compile", "processes")
 # model options that only shape the initial weights: a resumed run has its weights already
 INIT_ONLY_KEYS = ("scaled_residual_init",)
+# auto_dropout's rule, from the runs in BENCHMARKS.md ("Dropout from epochs"): up to about ten
+# passes over the training tokens the model's own dropout is best; beyond that, each pass adds
+# AUTO_DROPOUT_PER_EPOCH, up to AUTO_DROPOUT_MAX
+AUTO_DROPOUT_FROM_EPOCHS = 10.0
+AUTO_DROPOUT_PER_EPOCH = 0.01
+AUTO_DROPOUT_MAX = 0.25
+# a time-budgeted run foresees its length from the speed of these iterations of its session
+AUTO_DROPOUT_PROBE = (5, 25)
 
 
 @dataclass
@@ -157,6 +165,7 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
     clock = _Clock(state.elapsed_before)
     bar = _progress_bar(run, progress)
     window = _LossWindow(device)
+    auto_dropout = _AutoDropout(run, bar) if config.auto_dropout else None
     val_loss, interrupted = None, False
     try:
         while state.iteration < config.max_iters:
@@ -168,6 +177,8 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
             lr = learning_rate_at(state.iteration, config, _shared_elapsed(clock, config, world, device))
             window.add(train_step(run.step_model, run.ddp_model, state, config, run.precision, device, world, lr))
             state.iteration += 1
+            if auto_dropout is not None:
+                auto_dropout.after_step(_shared_elapsed(clock, config, world, device))
             # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
             time_up = config.max_time > 0 and _shared_elapsed(clock, config, world, device) >= config.max_time
             done = time_up or state.iteration == config.max_iters
@@ -260,6 +271,64 @@ def dropout_seed(seed: int, rank: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1, np.uint64)[0])
 
 
+def dropout_for_epochs(epochs: float, floor: float) -> float:
+    """auto_dropout's dropout for a run that will see its training tokens `epochs` times:
+    `floor` (the model's own dropout) up to AUTO_DROPOUT_FROM_EPOCHS passes, then more with every
+    pass, never above AUTO_DROPOUT_MAX (nor below the floor)."""
+    extra = AUTO_DROPOUT_PER_EPOCH * max(0.0, epochs - AUTO_DROPOUT_FROM_EPOCHS)
+    return round(max(floor, min(AUTO_DROPOUT_MAX, floor + extra)), 4)
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of the model at rate p (a training run's weights do not depend on it)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = p
+
+
+class _AutoDropout:
+    """auto_dropout: foresee how many iterations the run will train (max_iters, or, under a time
+    budget, the speed of a few early iterations), hence how many times it will see its training
+    tokens, and set its dropout from that once (dropout_for_epochs). The choice replaces the
+    model's dropout and turns auto_dropout off in the run's config, so a resumed run, or one
+    trained again from its config.toml, keeps it."""
+
+    def __init__(self, run: Run, bar):
+        self.run, self.bar = run, bar
+        self.first, self.timed_from = run.state.iteration, 0.0
+        if run.config.max_time <= 0:
+            self.decide(run.config.max_iters)
+
+    def after_step(self, elapsed: float) -> None:
+        """Called after each iteration with the run's seconds (process 0's on every process)."""
+        if not self.run.config.auto_dropout:
+            return
+        done = self.run.state.iteration - self.first
+        start, end = AUTO_DROPOUT_PROBE
+        if done == start:
+            self.timed_from = elapsed
+        elif done == end:
+            per_second = (end - start) / max(elapsed - self.timed_from, 1e-9)
+            left = max(0.0, self.run.config.max_time - elapsed)
+            self.decide(min(self.run.config.max_iters, self.run.state.iteration + per_second * left))
+
+    def decide(self, iterations: float) -> None:
+        run = self.run
+        tokens = len(run.train_tokens)
+        epochs = iterations * run.config.batch_size * run.model_config.block_size / tokens
+        floor = run.model_config.dropout
+        p = dropout_for_epochs(epochs, floor)
+        set_dropout(run.state.model, p)
+        run.model_config.dropout = p  # the model's own config object: every record of the run says p
+        run.config = dataclasses.replace(run.config, auto_dropout=False)
+        if run.world.is_main:
+            _write_configs(run)
+            self.bar.write(f"auto_dropout: dropout {p:g} (the model's own: {floor:g}): about {iterations:,.0f} "
+                           f"iterations foreseen, {epochs:.1f} passes over the {tokens:,} training tokens")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -313,6 +382,8 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     record = _resume_record(run_dir, resume, world, log)
     source = None
     if record is not None:
+        if config.auto_dropout:  # the dropout it chose (or, not yet chosen, its floor) is the run's
+            model_config = dataclasses.replace(model_config, dropout=record["model_config"]["dropout"])
         config = resumed_config(record, model_config, config, tokenizer, data_dir, run_dir)
     elif init_from is not None:
         if init_from.resolve() == run_dir.resolve():
@@ -439,7 +510,8 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
     """The saved training config, with the changes a continuing run may make (RESUMABLE_KEYS,
     and the speed choices: a run moved to another machine may need float32, say, though it
     then no longer continues bit for bit); any other difference from the saved run is refused
-    with the key named. A speed choice asked for as "auto" keeps the run's recorded one."""
+    with the key named. A speed choice asked for as "auto" keeps the run's recorded one, and so
+    does auto_dropout asked for again (start_run gave the model config the run's dropout)."""
     saved_model = model_config_from_dict(record["model_config"])
     differences = ", ".join(f"{f.name} {getattr(saved_model, f.name)!r} vs {getattr(model_config, f.name)!r}"
                             for f in fields(ModelConfig)
@@ -457,7 +529,7 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
     changes = {}
     for f in fields(TrainConfig):
         asked, kept = getattr(config, f.name), getattr(saved, f.name)
-        if asked == kept or (f.name in speed.SPEED_KEYS and asked == "auto"):
+        if asked == kept or (f.name in speed.SPEED_KEYS and asked == "auto") or (f.name == "auto_dropout" and asked):
             continue
         if f.name not in RESUMABLE_KEYS + speed.SPEED_KEYS:
             raise ConfigError(f"--resume: {f.name} cannot change when a run continues (the run has {kept!r}, "
@@ -495,19 +567,10 @@ def _speed_plan(config: TrainConfig, model_config: ModelConfig, device: torch.de
 
 
 def _write_run_files(run: Run, record: dict | None) -> None:
-    """config.json first (it marks the folder as a run), the same as config.toml, tokenizer.json; a fresh run starts its
-    metrics, a resumed one cuts them back to what its checkpoint had seen (later rows will be
-    written again)."""
-    checkpoint.atomic_write_bytes(run.run_dir / "config.json", json.dumps(
-        {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
-         "train": dataclasses.asdict(run.config),
-         **({"init_from": run.init_from} if run.init_from else {})}, indent=1).encode())
-    source = run.init_from
-    checkpoint.atomic_write_bytes(run.run_dir / "config.toml", config_toml(
-        run.model_config, run.config, comment="the resolved configuration of this run: "
-        "`tinygpt train --config` with this file trains it again" + (
-            f"\nstarted from the weights of {source['run']} ({source['checkpoint']} checkpoint, iteration "
-            f"{source['iteration']}): add --init-from {source['run']} and drop [model]" if source else "")).encode())
+    """The run's configs (config.json first: it marks the folder as a run), tokenizer.json; a
+    fresh run starts its metrics, a resumed one cuts them back to what its checkpoint had seen
+    (later rows will be written again)."""
+    _write_configs(run)
     checkpoint.atomic_write_bytes(run.run_dir / "tokenizer.json", run.tokenizer.file_text().encode("utf-8"))
     metrics_path = run.metrics_path
     if record is not None:
@@ -521,6 +584,21 @@ def _write_run_files(run: Run, record: dict | None) -> None:
         metrics_path.write_text("")
         for name in ("last", "best"):
             (run.run_dir / f"{name}.json").unlink(missing_ok=True)
+
+
+def _write_configs(run: Run) -> None:
+    """config.json and the same as config.toml: the run's resolved configuration (written again
+    when auto_dropout decides)."""
+    checkpoint.atomic_write_bytes(run.run_dir / "config.json", json.dumps(
+        {"format": rundir.RUN_FORMAT, "model": dataclasses.asdict(run.model_config),
+         "train": dataclasses.asdict(run.config),
+         **({"init_from": run.init_from} if run.init_from else {})}, indent=1).encode())
+    source = run.init_from
+    checkpoint.atomic_write_bytes(run.run_dir / "config.toml", config_toml(
+        run.model_config, run.config, comment="the resolved configuration of this run: "
+        "`tinygpt train --config` with this file trains it again" + (
+            f"\nstarted from the weights of {source['run']} ({source['checkpoint']} checkpoint, iteration "
+            f"{source['iteration']}): add --init-from {source['run']} and drop [model]" if source else "")).encode())
 
 
 def _log_start(run: Run, record: dict | None, log) -> None:
