@@ -49,7 +49,7 @@ def test_the_rule_keeps_the_floor_until_ten_passes_then_rises_to_a_cap():
     assert dropout_for_epochs(3, 0.05) == 0.05
     assert dropout_for_epochs(10, 0.05) == 0.05
     assert dropout_for_epochs(20, 0.05) == pytest.approx(0.15)
-    assert dropout_for_epochs(1000, 0.05) == 0.25
+    assert dropout_for_epochs(1000, 0.05) == 0.2
     assert dropout_for_epochs(1000, 0.3) == 0.3  # never below the model's own
     assert dropout_for_epochs(15, 0.0) == pytest.approx(0.05)
 
@@ -80,7 +80,7 @@ def test_a_time_budget_decides_from_the_speed_of_its_first_iterations(data_dir, 
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["auto_dropout"] is False
     # thousands of iterations foreseen in 6 s of a tiny model on a tiny text: the cap
-    assert saved["model"]["dropout"] == 0.25
+    assert saved["model"]["dropout"] == 0.2
 
 
 def test_without_auto_dropout_the_model_keeps_its_own(data_dir, tmp_path):

@@ -56,7 +56,7 @@ INIT_ONLY_KEYS = ("scaled_residual_init",)
 # AUTO_DROPOUT_PER_EPOCH, up to AUTO_DROPOUT_MAX
 AUTO_DROPOUT_FROM_EPOCHS = 10.0
 AUTO_DROPOUT_PER_EPOCH = 0.01
-AUTO_DROPOUT_MAX = 0.25
+AUTO_DROPOUT_MAX = 0.2
 # a time-budgeted run foresees its length from the speed of these iterations of its session
 AUTO_DROPOUT_PROBE = (5, 25)
 
@@ -177,8 +177,8 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
             lr = learning_rate_at(state.iteration, config, _shared_elapsed(clock, config, world, device))
             window.add(train_step(run.step_model, run.ddp_model, state, config, run.precision, device, world, lr))
             state.iteration += 1
-            if auto_dropout is not None:
-                auto_dropout.after_step(_shared_elapsed(clock, config, world, device))
+            if run.config.auto_dropout:  # not yet decided
+                auto_dropout.after_step(clock)
             # time-budgeted runs are not bit-for-bit reproducible: where they stop depends on speed
             time_up = config.max_time > 0 and _shared_elapsed(clock, config, world, device) >= config.max_time
             done = time_up or state.iteration == config.max_iters
@@ -301,15 +301,17 @@ class _AutoDropout:
         if run.config.max_time <= 0:
             self.decide(run.config.max_iters)
 
-    def after_step(self, elapsed: float) -> None:
-        """Called after each iteration with the run's seconds (process 0's on every process)."""
-        if not self.run.config.auto_dropout:
-            return
+    def after_step(self, clock: _Clock) -> None:
+        """Called after each iteration until it has decided."""
         done = self.run.state.iteration - self.first
         start, end = AUTO_DROPOUT_PROBE
+        if done not in (start, end):
+            return
+        run = self.run
+        elapsed = _shared_elapsed(clock, run.config, run.world, run.device)  # process 0's on every process
         if done == start:
             self.timed_from = elapsed
-        elif done == end:
+        else:
             per_second = (end - start) / max(elapsed - self.timed_from, 1e-9)
             left = max(0.0, self.run.config.max_time - elapsed)
             self.decide(min(self.run.config.max_iters, self.run.state.iteration + per_second * left))
