@@ -150,9 +150,11 @@ def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path, voc
     result = json.loads(scored.stdout)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     iters = max(m.get("iteration", 0) for m in metrics)
+    dropout = json.loads((out / "config.json").read_text())["model"]["dropout"]  # auto_dropout's choice, if on
     shown = " ".join(command[1:]).replace(str(work) + "/", "").replace(str(ROOT) + "/", "")
     prepared = " ".join(["tinygpt prepare", text.name, "--out", data.name, *tokenizer])
     return {"iterations": iters, "seconds": round(seconds, 1), "bits_per_char": round(result["bits_per_char"], 4),
+            "dropout": dropout,
             "command": f"{prepared}; tinygpt {shown}", **({"vocab_size": vocab_size} if tokenizer else {}),
             **({"changes": changes} if changes and kind != "previous" else {})}
 

@@ -131,3 +131,22 @@ def test_an_interrupted_run_resumes_bit_for_bit(data_dir, tmp_path, monkeypatch)
     a, b = (checkpoint.load_tensors(tmp_path / name, records[name], "model") for name in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert records["cut"]["model_config"]["dropout"] == expected_dropout(data_dir, 40)
+
+
+def test_a_dropout_given_by_hand_turns_auto_dropout_off(tmp_path):
+    from tinygpt.config import apply_overrides, load_config_file
+
+    model, train_config = get_preset("cpu")
+    assert train_config.auto_dropout
+    apply_overrides(model, train_config, ["dropout=0.2"])
+    assert model.dropout == 0.2 and not train_config.auto_dropout
+    model, train_config = get_preset("cpu")
+    apply_overrides(model, train_config, ["dropout=0.1", "auto_dropout=true"])  # as a floor, asked for
+    assert model.dropout == 0.1 and train_config.auto_dropout
+    model, train_config = get_preset("cpu")
+    apply_overrides(model, train_config, ["n_embd=128"])
+    assert train_config.auto_dropout
+    (tmp_path / "a.toml").write_text('preset = "cpu"\n[model]\ndropout = 0.2\n')
+    assert not load_config_file(tmp_path / "a.toml")[1].auto_dropout
+    (tmp_path / "b.toml").write_text('preset = "cpu"\n[model]\nn_layer = 2\n')
+    assert load_config_file(tmp_path / "b.toml")[1].auto_dropout
