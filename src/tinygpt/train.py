@@ -51,7 +51,7 @@ LOG_INTERVAL = 10  # iterations between progress-bar updates (the only host sync
 RESUMABLE_KEYS = ("max_iters", "max_time", "eval_interval", "eval_iters", "compile", "processes")
 # model options that only shape the initial weights: a resumed run has its weights already
 INIT_ONLY_KEYS = ("scaled_residual_init",)
-# auto_dropout's rule, from the runs in BENCHMARKS.md ("Dropout from epochs"): up to about ten
+# auto_dropout's rule, from the runs in BENCHMARKS.md (issue 16, "Fifth round"): up to about ten
 # passes over the training tokens the model's own dropout is best; beyond that, each pass adds
 # AUTO_DROPOUT_PER_EPOCH, up to AUTO_DROPOUT_MAX
 AUTO_DROPOUT_FROM_EPOCHS = 10.0
@@ -280,7 +280,7 @@ def dropout_for_epochs(epochs: float, floor: float) -> float:
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """Every dropout of the model at rate p (a training run's weights do not depend on it)."""
+    """Every dropout of the model (the attention's included) at rate p."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
@@ -385,7 +385,7 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     source = None
     if record is not None:
         if config.auto_dropout:  # the dropout it chose (or, not yet chosen, its floor) is the run's
-            model_config = dataclasses.replace(model_config, dropout=record["model_config"]["dropout"])
+            model_config = dataclasses.replace(model_config, dropout=record["model_config"].get("dropout", 0.0))
         config = resumed_config(record, model_config, config, tokenizer, data_dir, run_dir)
     elif init_from is not None:
         if init_from.resolve() == run_dir.resolve():
