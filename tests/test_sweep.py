@@ -97,6 +97,13 @@ def test_grid_product_and_one_at_a_time():
     assert [name for name, _, _ in alone.runs()] == ["base-s1337", "n_layer=1-s1337", "activation=relu-s1337"]
 
 
+def test_one_at_a_time_keeps_a_hand_set_dropout_equal_to_the_base_under_auto_dropout():
+    model, train = get_preset("cpu")  # auto_dropout on, its floor 0.05
+    plan = plan_sweep("data", model, train, ["dropout=0.05,0.1"], seeds=1, budget=5, one_at_a_time=True)
+    assert plan.combinations == [{}, {"dropout": "0.05"}, {"dropout": "0.1"}]
+    assert not plan.configs({"dropout": "0.05"}, 1)[1].auto_dropout and plan.configs({}, 1)[1].auto_dropout
+
+
 def test_table_is_mean_and_sample_deviation_over_seeds():
     plan = plan_of(["activation=gelu,relu"], seeds=2)
     state = SweepState(Path("unused"), plan, {

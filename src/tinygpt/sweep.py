@@ -142,7 +142,8 @@ def _value_of(model: ModelConfig, train: TrainConfig, key: str):
 
 def _same_value(plan: SweepPlan, key: str, raw: str, base_value) -> bool:
     model, train = plan.configs({key: raw}, plan.base_train.seed)
-    return _value_of(model, train, key) == base_value
+    # a dropout given by hand turns auto_dropout off: the base's own dropout is then another run
+    return _value_of(model, train, key) == base_value and train.auto_dropout == plan.base_train.auto_dropout
 
 
 # ----------------------------------------------------------------------------- running it
