@@ -4,19 +4,18 @@ dropout, decided once, recorded in the run, and kept by a resumed run."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import tomllib
 import torch
 
+from helpers import words_text, write_text
 from tinygpt import checkpoint
 from tinygpt.config import get_preset
 from tinygpt.data import load_tokens, prepare
 from tinygpt.train import dropout_for_epochs, train
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 FLOOR = 0.05
 
 
@@ -24,9 +23,7 @@ FLOOR = 0.05
 def data_dir(tmp_path_factory) -> Path:
     """A small text: 40 tiny-preset iterations (16 windows of 32) see its training split ~15 times."""
     root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    (root / "corpus.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)))
-    prepare([str(root / "corpus.txt")], root / "data")
+    prepare([str(write_text(root / "corpus.txt", words_text(300)))], root / "data", progress=False)
     return root / "data"
 
 

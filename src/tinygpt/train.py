@@ -303,18 +303,18 @@ class _AutoDropout:
 
     def after_step(self, clock: _Clock) -> None:
         """Called after each iteration until it has decided."""
-        done = self.run.state.iteration - self.first
+        run = self.run
+        done = run.state.iteration - self.first
         start, end = AUTO_DROPOUT_PROBE
         if done not in (start, end):
             return
-        run = self.run
         elapsed = _shared_elapsed(clock, run.config, run.world, run.device)  # process 0's on every process
         if done == start:
             self.timed_from = elapsed
         else:
             per_second = (end - start) / max(elapsed - self.timed_from, 1e-9)
-            left = max(0.0, self.run.config.max_time - elapsed)
-            self.decide(min(self.run.config.max_iters, self.run.state.iteration + per_second * left))
+            left = max(0.0, run.config.max_time - elapsed)
+            self.decide(min(run.config.max_iters, run.state.iteration + per_second * left))
 
     def decide(self, iterations: float) -> None:
         run = self.run
