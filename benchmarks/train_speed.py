@@ -14,8 +14,8 @@ variant, the median over rounds and the spread (min..max), the achieved model FL
 matmul ceilings, which are measured in their own processes in every round too.
 
 Variants: `naive` (benchmarks/naive_reference.py: fp32, eager, plain AdamW), `ours` (the
-precision `train` picks for this device, eager), `ours-fp32`, and `ours-compile`
-(torch.compile; the first process compiles, later ones reuse Inductor's on-disk cache).
+speed paths `train` decides for this device, eager: precision, attention form, dropout mask),
+`ours-fp32`, and `ours-compile` (torch.compile; the first process compiles, later ones reuse Inductor's on-disk cache).
 `reference` and `reference-bf16` (they need --reference, a clone of the reference
 implementation: `git clone https://github.com/karpathy/nanoGPT && git -C nanoGPT checkout
 3adf61e1`): its `model.py`, unmodified, at the seed sizes (bias on, as its default), its own
@@ -60,19 +60,24 @@ def build(variant: str, batch_size: int):
     if variant.startswith("reference"):
         return reference_step(variant, x, y)
 
+    import dataclasses
+
+    from tinygpt import speed
     from tinygpt.bench import training_step
     from tinygpt.config import get_preset
-    from tinygpt.hardware import choose_precision
     from tinygpt.model import GPT
 
     model_config, train_config = get_preset("seed")
     model_config.vocab_size = SEED_SIZES["vocab_size"]
     device = torch.device("cpu")
-    precision = choose_precision(device, "float32" if "fp32" in variant else "auto")
-    model = GPT(model_config).train()
+    if "fp32" in variant:
+        train_config = dataclasses.replace(train_config, dtype="float32")
+    # the speed paths `tinygpt train` decides for this CPU: precision, attention form, dropout mask
+    plan = speed.plan(device, train_config, model_config.dropout)
+    model = speed.apply(GPT(model_config).train(), plan)
     step_model = torch.compile(model) if "compile" in variant else model
-    step = training_step(model, train_config, precision, device, batch_size, step_model)
-    return step, precision.reason
+    step = training_step(model, train_config, plan.precision, device, batch_size, step_model)
+    return step, "; ".join(plan.describe())
 
 
 def reference_step(variant: str, x, y):

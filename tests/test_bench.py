@@ -180,3 +180,22 @@ def test_a_launch_bound_probe_does_not_shrink_a_multiply_that_fits(monkeypatch):
     assert sides == [128, 256]  # 256: 1e-5 s * 32^3 = 0.33 s fits
     with pytest.raises(ValueError):
         hardware.fitting_size(torch.float32, 0, "cpu", seconds=1.0)
+
+
+def test_train_speed_benchmark_times_the_model_train_builds():
+    """benchmarks/train_speed.py's `ours` takes the speed paths `tinygpt train` decides for this
+    CPU (attention form, dropout mask), not the bare model: a bare model is not what users train."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py"
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    model_config, train_config = get_preset("seed")
+    model_config.vocab_size = train_speed.SEED_SIZES["vocab_size"]
+    expected = speed.plan(torch.device("cpu"), train_config, model_config.dropout)
+    _, described = train_speed.build("ours", 2)
+    assert f"attention: {expected.attention} " in described
+    assert f"dropout_mask: {expected.dropout_mask} " in described
+    assert expected.dropout_mask == "bits16"  # the seed preset has dropout 0.2: the CPU's cheaper mask
