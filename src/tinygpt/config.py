@@ -84,6 +84,9 @@ class TrainConfig:
     # raise dropout above the model's (its floor) by how many times the run will see its training
     # tokens (train.dropout_for_epochs); decided once, early, and recorded in the run's config
     auto_dropout: bool = False
+    # > 0: evaluate, and keep as `best`, an exponential moving average of the weights, at this
+    # decay per iteration (training itself goes on from the raw weights); 0: off
+    ema: float = 0.0
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
     # CPU training as several processes of one data-parallel job, the cores shared out, which
@@ -113,6 +116,8 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not self.muon_lr >= 0:
             raise ConfigError(f"muon_lr must be >= 0 (0: learning_rate), got {self.muon_lr}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1) (0: off), got {self.ema}")
         if self.max_time < 0:
             raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time}")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -229,6 +229,8 @@ def train_step(step_model: torch.nn.Module, ddp_model: torch.nn.Module, state: T
     for optimizer in state.optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if state.average is not None:
+        state.average.update_parameters(state.model)
     return total
 
 
@@ -256,7 +258,9 @@ def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar) -> float:
                   f"({row['val_bits_per_byte']:.3f} bits/byte, {row['val_bits_per_char']:.3f} bits/char)")
         record = _record_fields(run, val_loss, clock)
         if improved:
-            checkpoint.save_checkpoint(run.run_dir, "best", record, {"model": checkpoint.model_tensors(state.model)})
+            # with ema, the averaged weights: the ones this evaluation scored
+            checkpoint.save_checkpoint(run.run_dir, "best", record,
+                                       {"model": checkpoint.model_tensors(state.evaluated)})
         training_state.save(run.run_dir, state, run.device, record)
     if world.enabled:
         dist.barrier()
@@ -338,7 +342,7 @@ class _AutoDropout:
 def estimate_loss(run: Run, tokens: np.ndarray, seed: int) -> float:
     """Mean loss over eval_iters random batches, from a sampler of its own so that
     evaluating never moves the training stream; averaged over processes."""
-    model, config, device = run.state.model, run.config, run.device
+    model, config, device = run.state.evaluated, run.config, run.device
     was_training = model.training
     model.eval()
     sampler = BatchSampler(tokens, run.model_config.block_size, seed, run.world.rank, run.world.world_size)
@@ -366,7 +370,7 @@ def validation_loss(run: Run, seed: int) -> float:
     if len(tokens) - 1 > 2 * config.eval_iters * micro_batch * block_size:
         return estimate_loss(run, tokens, seed)
     with run.precision.autocast(run.device):
-        nats = split_nats(run.state.model, tokens, batch_size=micro_batch, device=run.device,
+        nats = split_nats(run.state.evaluated, tokens, batch_size=micro_batch, device=run.device,
                           shard=(run.world.rank, run.world.world_size))
     return distributed.all_reduce_sum(nats, run.world, run.device) / (len(tokens) - 1)
 
@@ -419,7 +423,8 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
         checkpoint.load_weights(model, checkpoint.load_tensors(init_from, source, "model"))
     model = speed.apply(model.to(device), plan)
     sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world.rank, world.world_size)
-    state = TrainingState(model, build_optimizers(model, config, device), sampler)
+    state = TrainingState(model, build_optimizers(model, config, device), sampler,
+                          average=training_state.weight_average(model, config.ema))
     if record is not None:
         training_state.restore(run_dir, record, state, device)
     origin = record.get("init_from") if record is not None else None if source is None else {
@@ -611,6 +616,9 @@ def _log_start(run: Run, record: dict | None, log) -> None:
     log(f"device: {run.device}; processes: {world.world_size}")
     for line in run.plan.describe():
         log(f"  {line}")
+    if run.state.average is not None:
+        log(f"ema: evaluations and `best` use a moving average of the weights ({run.config.ema:g} per iteration); "
+            f"`last` keeps the raw weights too")
     if record is None:
         if run.init_from:
             log(f"starting from the weights of {run.init_from['run']} ({run.init_from['checkpoint']} checkpoint, "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tinygpt import checkpoint
 from tinygpt.data import BatchSampler
@@ -30,6 +31,18 @@ class TrainingState:
     iteration: int = 0
     best_val_loss: float | None = None
     elapsed_before: float = 0.0  # wall-clock seconds of the run's earlier sessions
+    average: AveragedModel | None = None  # the moving average of the weights (TrainConfig.ema), or None
+
+    @property
+    def evaluated(self) -> GPT:
+        """The weights evaluations score and `best` keeps: the average when there is one."""
+        return self.model if self.average is None else self.average.module
+
+
+def weight_average(model: GPT, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the model's weights, `decay` per update (torch's
+    AveragedModel: a copy of the model; its first update copies the weights), or None for 0."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
 
 
 def optimizer_state(optimizers) -> tuple[dict[str, torch.Tensor], list]:
@@ -59,6 +72,9 @@ def save(run_dir: Path, state: TrainingState, device: torch.device, record_field
     """Write the `last` checkpoint: weights, optimizer, sampler and every RNG state."""
     tensors, groups = optimizer_state(state.optimizers)
     tensors.update({"rng.torch": torch.get_rng_state(), "rng.sampler": state.sampler.generator.get_state()})
+    if state.average is not None:
+        tensors.update({f"ema.{name}": t for name, t in checkpoint.model_tensors(state.average.module).items()})
+        tensors["ema_updates"] = state.average.n_averaged.detach().cpu()
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     numpy_state = np.random.get_state()
@@ -102,6 +118,10 @@ def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.dev
 
 def _restore_state_tensors(state: TrainingState, tensors: dict, record: dict, device: torch.device) -> None:
     load_optimizer_state(state.optimizers, tensors, record["optimizer_groups"])
+    if state.average is not None:
+        checkpoint.load_weights(state.average.module, {name[len("ema."):]: t for name, t in tensors.items()
+                                                       if name.startswith("ema.")})
+        state.average.n_averaged.copy_(tensors["ema_updates"])
     for name in ("rng.torch", "rng.sampler"):
         if tensors[name].dtype != torch.uint8:
             raise TypeError(f"{name} is {tensors[name].dtype}, not torch.uint8")

@@ -1,0 +1,104 @@
+"""ema (issue 16): evaluations and the `best` checkpoint use an exponential moving average of
+the weights; training goes on from the raw weights, and a resumed run continues the average
+bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import words_text, write_text
+from tinygpt import checkpoint, training_state
+from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset
+from tinygpt.data import prepare
+from tinygpt.model import GPT
+from tinygpt.train import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepare([str(write_text(root / "corpus.txt", words_text(3000)))], root / "data", progress=False)
+    return root / "data"
+
+
+def train_ema(data_dir: Path, run_dir: Path, ema: float, max_iters: int = 12, resume: bool = False):
+    model_config, train_config = get_preset("tiny")
+    model_config.dropout = 0.1  # the dropout stream matters, and must continue exactly too
+    # a constant rate after warmup: a run stopped at 8 and resumed to 12 is the 12-iteration run
+    settings = {"ema": ema, "dtype": "float32", "eval_iters": 2, "eval_interval": 4, "max_iters": max_iters,
+                "schedule": "constant", "warmup_iters": 2}
+    for key, value in settings.items():
+        setattr(train_config, key, value)
+    return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume, progress=False,
+                 log=lambda *args: None)
+
+
+def tensors(run_dir: Path, name: str, kind: str) -> dict[str, torch.Tensor]:
+    return checkpoint.load_tensors(run_dir, checkpoint.read_record(run_dir, name), kind)
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["val_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ema_must_be_a_decay_below_one():
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ConfigError, match="ema must be in"):
+            TrainConfig(ema=bad).validate()
+    TrainConfig(ema=0.0).validate()
+    TrainConfig(ema=0.999).validate()
+
+
+def test_the_average_is_exponential_and_starts_from_the_first_weights():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    average = training_state.weight_average(model, 0.75)
+    first = {name: p.detach().clone() for name, p in model.named_parameters()}
+    average.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update_parameters(model)
+    for name, p in average.module.named_parameters():
+        assert torch.allclose(p, 0.75 * first[name] + 0.25 * (first[name] + 1.0)), name
+    assert training_state.weight_average(model, 0.0) is None
+
+
+def test_ema_changes_what_is_scored_and_kept_not_how_the_run_trains(data_dir, tmp_path):
+    train_ema(data_dir, tmp_path / "plain", ema=0.0)
+    train_ema(data_dir, tmp_path / "ema", ema=0.8)
+    # the raw weights follow the same trajectory with or without the average
+    plain_last, ema_last = tensors(tmp_path / "plain", "last", "model"), tensors(tmp_path / "ema", "last", "model")
+    assert all(torch.equal(plain_last[name], ema_last[name]) for name in plain_last)
+    # what is scored differs: the average's losses, not the raw weights'
+    assert val_losses(tmp_path / "plain") != val_losses(tmp_path / "ema")
+    # `best` holds the average of its evaluation, not the raw weights; `last` carries both
+    best_record = checkpoint.read_record(tmp_path / "ema", "best")
+    assert best_record["iteration"] == 12  # the loss still falls: the last evaluation is the best
+    best, state = tensors(tmp_path / "ema", "best", "model"), tensors(tmp_path / "ema", "last", "state")
+    assert all(torch.equal(best[name], state[f"ema.{name}"]) for name in best)
+    assert not all(torch.equal(best[name], ema_last[name]) for name in best)
+    assert int(state["ema_updates"]) == 12
+    assert not any(name.startswith("ema") for name in tensors(tmp_path / "plain", "last", "state"))
+
+
+def test_a_resumed_run_continues_the_average_bit_for_bit(data_dir, tmp_path):
+    train_ema(data_dir, tmp_path / "straight", ema=0.8, max_iters=12)
+    train_ema(data_dir, tmp_path / "resumed", ema=0.8, max_iters=8)
+    train_ema(data_dir, tmp_path / "resumed", ema=0.8, max_iters=12, resume=True)
+    for name, kind in (("last", "model"), ("last", "state"), ("best", "model")):
+        straight, resumed = tensors(tmp_path / "straight", name, kind), tensors(tmp_path / "resumed", name, kind)
+        assert straight.keys() == resumed.keys()
+        differing = [key for key in straight if not torch.equal(straight[key], resumed[key])]
+        assert not differing, f"{name} {kind}: {differing[:5]}"
+    assert val_losses(tmp_path / "straight") == val_losses(tmp_path / "resumed")
+
+
+def test_ema_cannot_change_when_a_run_continues(data_dir, tmp_path):
+    train_ema(data_dir, tmp_path / "run", ema=0.8, max_iters=4)
+    with pytest.raises(ConfigError, match="ema cannot change"):
+        train_ema(data_dir, tmp_path / "run", ema=0.0, max_iters=8, resume=True)
