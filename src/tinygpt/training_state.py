@@ -1,8 +1,8 @@
 """What a training run is at one moment, and how the `last` checkpoint saves and restores it.
 
 `TrainingState` holds everything the next iteration depends on: the weights, the optimizer
-state, the batch sampler's position, the iteration, the best validation loss and the
-wall-clock time spent so far. Together with the global RNG states (torch, CUDA, numpy,
+state, the batch sampler's position, the iteration, the best validation loss, the
+wall-clock time spent so far and, with `ema`, the moving average of the weights. Together with the global RNG states (torch, CUDA, numpy,
 python) that is exactly what `save` writes and `restore` reads back, so a resumed run
 continues bit for bit. Dropout masks need no state: they are seeded from (seed, rank,
 iteration) each iteration (train.dropout_seed).
