@@ -1,6 +1,7 @@
-"""ema (issue 16): evaluations and the `best` checkpoint use an exponential moving average of
-the weights; training goes on from the raw weights, and a resumed run continues the average
-bit for bit."""
+"""ema and ema_horizon (issue 16): evaluations and the `best` checkpoint use a moving average of
+the weights (exponential at a fixed decay, or a power-function average whose span grows with
+the run); training goes on from the raw weights, and a resumed run continues the average bit
+for bit."""
 
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ def data_dir(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def train_ema(data_dir: Path, run_dir: Path, ema: float, max_iters: int = 12, resume: bool = False):
+def train_ema(data_dir: Path, run_dir: Path, ema: float, max_iters: int = 12, resume: bool = False,
+              ema_horizon: float = 0.0):
     model_config, train_config = get_preset("tiny")
     model_config.dropout = 0.1  # the dropout stream matters, and must continue exactly too
     # a constant rate after warmup: a run stopped at 8 and resumed to 12 is the 12-iteration run
-    settings = {"ema": ema, "dtype": "float32", "eval_iters": 2, "eval_interval": 4, "max_iters": max_iters,
+    settings = {"ema": ema, "ema_horizon": ema_horizon, "dtype": "float32", "eval_iters": 2, "eval_interval": 4,
+                "max_iters": max_iters,
                 "schedule": "constant", "warmup_iters": 2}
     for key, value in settings.items():
         setattr(train_config, key, value)
@@ -51,6 +54,27 @@ def test_ema_must_be_a_decay_below_one():
             TrainConfig(ema=bad).validate()
     TrainConfig(ema=0.0).validate()
     TrainConfig(ema=0.999).validate()
+    for bad in (0.6, -0.1):
+        with pytest.raises(ConfigError, match="ema_horizon must be in"):
+            TrainConfig(ema_horizon=bad).validate()
+    with pytest.raises(ConfigError, match="set one of them"):
+        TrainConfig(ema=0.99, ema_horizon=0.25).validate()
+    TrainConfig(ema_horizon=0.5).validate()
+
+
+@pytest.mark.parametrize("horizon", [0.25, 0.1, 0.5])
+def test_the_power_average_weighs_iterate_s_as_s_to_the_power_and_spans_its_share_of_the_run(horizon):
+    """Averaging the iterates 1, 2, ..., T (each a scalar equal to its iteration) gives the mean
+    of s under weights s^(g+1) - (s-1)^(g+1), g = 1/horizon - 2 (about s^g): its age is `horizon`
+    of the run (0.5: the plain mean)."""
+    update = training_state.power_average(horizon)
+    average, T = [torch.ones(1, dtype=torch.float64)], 300  # the first update copies iterate 1
+    for s in range(2, T + 1):
+        update(average, [torch.tensor([float(s)], dtype=torch.float64)], torch.tensor(s - 1))
+    s = torch.arange(1, T + 1, dtype=torch.float64)
+    weights = s ** (1 / horizon - 1) - (s - 1) ** (1 / horizon - 1)
+    assert average[0].item() == pytest.approx(float((weights * s).sum() / weights.sum()), rel=1e-6)
+    assert (T - average[0].item()) / T == pytest.approx(horizon, abs=0.01)
 
 
 def test_the_average_is_exponential_and_starts_from_the_first_weights():
@@ -86,10 +110,11 @@ def test_ema_changes_what_is_scored_and_kept_not_how_the_run_trains(data_dir, tm
     assert not any(name.startswith("ema") for name in tensors(tmp_path / "plain", "last", "state"))
 
 
-def test_a_resumed_run_continues_the_average_bit_for_bit(data_dir, tmp_path):
-    train_ema(data_dir, tmp_path / "straight", ema=0.8, max_iters=12)
-    train_ema(data_dir, tmp_path / "resumed", ema=0.8, max_iters=8)
-    train_ema(data_dir, tmp_path / "resumed", ema=0.8, max_iters=12, resume=True)
+@pytest.mark.parametrize("average", [{"ema": 0.8}, {"ema": 0.0, "ema_horizon": 0.25}], ids=["ema", "ema_horizon"])
+def test_a_resumed_run_continues_the_average_bit_for_bit(data_dir, tmp_path, average):
+    train_ema(data_dir, tmp_path / "straight", max_iters=12, **average)
+    train_ema(data_dir, tmp_path / "resumed", max_iters=8, **average)
+    train_ema(data_dir, tmp_path / "resumed", max_iters=12, resume=True, **average)
     for name, kind in (("last", "model"), ("last", "state"), ("best", "model")):
         straight, resumed = tensors(tmp_path / "straight", name, kind), tensors(tmp_path / "resumed", name, kind)
         assert straight.keys() == resumed.keys()

@@ -125,3 +125,16 @@ def test_muon_lr_gives_muon_its_own_peak_and_the_schedule_moves_both_rates():
 def test_bad_muon_lr():
     with pytest.raises(ConfigError, match="muon_lr must be >= 0"):
         TrainConfig(optimizer="muon", muon_lr=-1.0).validate()
+
+
+def test_the_previous_preset_file_keeps_every_later_option_off():
+    """benchmarks/configs/cpu_before_issue16.toml is the `cpu` preset before issue 16: keys it
+    leaves out would come from today's preset, so each later option is written out, off."""
+    from pathlib import Path
+
+    from tinygpt.config import load_config_file
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "cpu_before_issue16.toml"
+    model, train = load_config_file(path)
+    assert (model.activation, model.dropout, train.schedule, train.processes) == ("gelu", 0.05, "cosine", 1)
+    assert (train.auto_dropout, train.ema, train.ema_horizon) == (False, 0.0, 0.0)

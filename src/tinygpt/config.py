@@ -87,6 +87,10 @@ class TrainConfig:
     # > 0: evaluate, and keep as `best`, an exponential moving average of the weights, at this
     # decay per iteration (training itself goes on from the raw weights); 0: off
     ema: float = 0.0
+    # > 0: the same average, but the decay grows with the run so that its mean age is this fraction
+    # of the iterations so far (iteration s weighs s^(1/ema_horizon - 2)): a time budget's average
+    # then spans the same share of the run on a slow CPU as on a fast one; 0: off
+    ema_horizon: float = 0.0
     dtype: str = "auto"  # "auto", "float32" or "bfloat16" (autocast)
     compile: bool = False  # torch.compile the model
     # CPU training as several processes of one data-parallel job, the cores shared out, which
@@ -118,6 +122,11 @@ class TrainConfig:
             raise ConfigError(f"muon_lr must be >= 0 (0: learning_rate), got {self.muon_lr}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1) (0: off), got {self.ema}")
+        if not 0 <= self.ema_horizon <= 0.5:
+            raise ConfigError(f"ema_horizon must be in [0, 0.5] (0: off; 0.5: every iteration weighs the same), "
+                              f"got {self.ema_horizon}")
+        if self.ema > 0 and self.ema_horizon > 0:
+            raise ConfigError("ema and ema_horizon are two ways to average the weights: set one of them")
         if self.max_time < 0:
             raise ConfigError(f"max_time must be >= 0 seconds, got {self.max_time}")
         if self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -194,6 +203,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=32, learning_rate=2e-3, min_lr=2e-4, schedule="wsd", decay_fraction=0.3,
             warmup_iters=100, max_iters=20000, max_time=540.0, eval_interval=250, eval_iters=20,
             weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, processes=0, auto_dropout=True,
+            ema_horizon=0.25,
         ),
     ),
     # Small enough for the test suite to train in seconds.

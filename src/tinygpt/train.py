@@ -424,7 +424,7 @@ def start_run(data_dir: Path, run_dir: Path, model_config: ModelConfig, config: 
     model = speed.apply(model.to(device), plan)
     sampler = BatchSampler(train_tokens, model_config.block_size, config.seed, world.rank, world.world_size)
     state = TrainingState(model, build_optimizers(model, config, device), sampler,
-                          average=training_state.weight_average(model, config.ema))
+                          average=training_state.weight_average(model, config.ema, config.ema_horizon))
     if record is not None:
         training_state.restore(run_dir, record, state, device)
     origin = record.get("init_from") if record is not None else None if source is None else {
@@ -617,7 +617,9 @@ def _log_start(run: Run, record: dict | None, log) -> None:
     for line in run.plan.describe():
         log(f"  {line}")
     if run.state.average is not None:
-        log(f"ema: evaluations and `best` use a moving average of the weights ({run.config.ema:g} per iteration); "
+        how = (f"{run.config.ema:g} per iteration" if run.config.ema > 0 else
+               f"its mean age {run.config.ema_horizon:g} of the iterations so far")
+        log(f"weight average: evaluations and `best` use a moving average of the weights ({how}); "
             f"`last` keeps the raw weights too")
     if record is None:
         if run.init_from:

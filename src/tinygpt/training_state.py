@@ -2,10 +2,11 @@
 
 `TrainingState` holds everything the next iteration depends on: the weights, the optimizer
 state, the batch sampler's position, the iteration, the best validation loss, the
-wall-clock time spent so far and, with `ema`, the moving average of the weights. Together with the global RNG states (torch, CUDA, numpy,
-python) that is exactly what `save` writes and `restore` reads back, so a resumed run
-continues bit for bit. Dropout masks need no state: they are seeded from (seed, rank,
-iteration) each iteration (train.dropout_seed).
+wall-clock time spent so far and, with `ema` or `ema_horizon`, the moving average of the
+weights. Together with the global RNG states (torch, CUDA, numpy, python) that is exactly
+what `save` writes and `restore` reads back, so a resumed run continues bit for bit.
+Dropout masks need no state: they are seeded from (seed, rank, iteration) each iteration
+(train.dropout_seed).
 """
 
 from __future__ import annotations
@@ -39,10 +40,32 @@ class TrainingState:
         return self.model if self.average is None else self.average.module
 
 
-def weight_average(model: GPT, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the model's weights, `decay` per update (torch's
-    AveragedModel: a copy of the model; its first update copies the weights), or None for 0."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+def weight_average(model: GPT, decay: float, horizon: float = 0.0) -> AveragedModel | None:
+    """A moving average of the model's weights (torch's AveragedModel: a copy of the model;
+    its first update copies the weights): exponential at `decay` per update, or with a decay
+    that grows with the run (`horizon`, see power_average), or None when both are 0."""
+    if decay > 0:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if horizon > 0:
+        return AveragedModel(model, multi_avg_fn=power_average(horizon))
+    return None
+
+
+def power_average(horizon: float):
+    """The update of a power-function average (Karras et al., 2024, "Analyzing and Improving the
+    Training Dynamics of Diffusion Models"): at the t-th update the average keeps (1 - 1/t)^(g+1)
+    of itself, g = 1/horizon - 2, so that iterate s ends up weighing s^(g+1) - (s-1)^(g+1), about
+    (g+1) s^g, and the mean age of what is averaged is `horizon` times t, however long the run
+    turns out to be."""
+    exponent = 1.0 / horizon - 1.0  # g + 1
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates_before: torch.Tensor) -> None:
+        t = updates_before.double() + 1.0  # a tensor: no host sync on a GPU
+        weight = (1.0 - (1.0 - 1.0 / t) ** exponent).float()
+        for mean, value in zip(averaged, current, strict=True):
+            mean.lerp_(value, weight.to(mean.dtype))
+
+    return update
 
 
 def optimizer_state(optimizers) -> tuple[dict[str, torch.Tensor], list]:
