@@ -182,7 +182,7 @@ def test_a_launch_bound_probe_does_not_shrink_a_multiply_that_fits(monkeypatch):
         hardware.fitting_size(torch.float32, 0, "cpu", seconds=1.0)
 
 
-def test_train_speed_benchmark_times_the_model_train_builds():
+def test_train_speed_benchmark_times_the_model_train_builds(monkeypatch):
     """benchmarks/train_speed.py's `ours` takes the speed paths `tinygpt train` decides for this
     CPU (attention form, dropout mask), not the bare model: a bare model is not what users train."""
     import importlib.util
@@ -195,7 +195,18 @@ def test_train_speed_benchmark_times_the_model_train_builds():
     model_config, train_config = get_preset("seed")
     model_config.vocab_size = train_speed.SEED_SIZES["vocab_size"]
     expected = speed.plan(torch.device("cpu"), train_config, model_config.dropout)
+    assert expected.dropout_mask == "bits16"  # the seed preset has dropout 0.2: the CPU's cheaper mask
+    stepped = []
+    real_step = bench.training_step
+
+    def capture(model, *args, **kwargs):
+        stepped.append(model)
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "training_step", capture)
     _, described = train_speed.build("ours", 2)
     assert f"attention: {expected.attention} " in described
-    assert f"dropout_mask: {expected.dropout_mask} " in described
-    assert expected.dropout_mask == "bits16"  # the seed preset has dropout 0.2: the CPU's cheaper mask
+    (model,) = stepped
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m) is speed.Bits16Dropout for m in dropouts)
+    assert all(block.attn.explicit == (expected.attention == "explicit") for block in model.blocks)

@@ -67,14 +67,19 @@ def test_the_power_average_weighs_iterate_s_as_s_to_the_power_and_spans_its_shar
     """Averaging the iterates 1, 2, ..., T (each a scalar equal to its iteration) gives the mean
     of s under weights s^(g+1) - (s-1)^(g+1), g = 1/horizon - 2 (about s^g): its age is `horizon`
     of the run (0.5: the plain mean)."""
-    update = training_state.power_average(horizon)
-    average, T = [torch.ones(1, dtype=torch.float64)], 300  # the first update copies iterate 1
-    for s in range(2, T + 1):
-        update(average, [torch.tensor([float(s)], dtype=torch.float64)], torch.tensor(s - 1))
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    average = training_state.weight_average(model, 0.0, horizon)
+    T = 300
+    for s in range(1, T + 1):  # the first update copies iterate 1
+        with torch.no_grad():
+            model.weight.fill_(float(s))
+        average.update(model)
+    mean = average.module.weight.item()
     s = torch.arange(1, T + 1, dtype=torch.float64)
     weights = s ** (1 / horizon - 1) - (s - 1) ** (1 / horizon - 1)
-    assert average[0].item() == pytest.approx(float((weights * s).sum() / weights.sum()), rel=1e-6)
-    assert (T - average[0].item()) / T == pytest.approx(horizon, abs=0.01)
+    assert mean == pytest.approx(float((weights * s).sum() / weights.sum()), rel=1e-9)
+    assert (T - mean) / T == pytest.approx(horizon, abs=0.01)
+    assert average.updates == T
 
 
 def test_the_average_is_exponential_and_starts_from_the_first_weights():
@@ -82,11 +87,11 @@ def test_the_average_is_exponential_and_starts_from_the_first_weights():
     model = GPT(ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=8))
     average = training_state.weight_average(model, 0.75)
     first = {name: p.detach().clone() for name, p in model.named_parameters()}
-    average.update_parameters(model)  # the first update copies
+    average.update(model)  # the first update copies
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    average.update_parameters(model)
+    average.update(model)
     for name, p in average.module.named_parameters():
         assert torch.allclose(p, 0.75 * first[name] + 0.25 * (first[name] + 1.0)), name
     assert training_state.weight_average(model, 0.0) is None
@@ -127,3 +132,33 @@ def test_ema_cannot_change_when_a_run_continues(data_dir, tmp_path):
     train_ema(data_dir, tmp_path / "run", ema=0.8, max_iters=4)
     with pytest.raises(ConfigError, match="ema cannot change"):
         train_ema(data_dir, tmp_path / "run", ema=0.0, max_iters=8, resume=True)
+
+
+def test_one_average_given_by_hand_replaces_the_presets_other():
+    from tinygpt.config import apply_overrides
+
+    model, train_config = get_preset("cpu")
+    assert train_config.ema_horizon > 0  # the preset's own average
+    apply_overrides(model, train_config, ["ema=0.995"])
+    assert (train_config.ema, train_config.ema_horizon) == (0.995, 0.0)
+    train_config.validate()
+    apply_overrides(model, train_config, ["ema_horizon=0.1"])
+    assert (train_config.ema, train_config.ema_horizon) == (0.0, 0.1)
+    apply_overrides(model, train_config, ["ema=0.9", "ema_horizon=0.2"])  # both by hand: refused
+    with pytest.raises(ConfigError, match="set one of them"):
+        train_config.validate()
+
+
+def test_a_run_recorded_before_the_average_existed_resumes_without_it(data_dir, tmp_path):
+    """A run whose record predates ema/ema_horizon continues under a preset that now sets one."""
+    run_dir = tmp_path / "run"
+    train_ema(data_dir, run_dir, ema=0.0, max_iters=4)
+    path = run_dir / "last.json"
+    record = json.loads(path.read_text())
+    for key in ("ema", "ema_horizon"):
+        del record["train_config"][key]
+    path.write_text(json.dumps(record))
+    result = train_ema(data_dir, run_dir, ema=0.0, ema_horizon=0.25, max_iters=8, resume=True)
+    assert result.iterations == 8
+    assert json.loads((run_dir / "config.json").read_text())["train"]["ema_horizon"] == 0.0
+    assert not any(name.startswith("ema") for name in tensors(run_dir, "last", "state"))

@@ -129,12 +129,18 @@ def test_bad_muon_lr():
 
 def test_the_previous_preset_file_keeps_every_later_option_off():
     """benchmarks/configs/cpu_before_issue16.toml is the `cpu` preset before issue 16: keys it
-    leaves out would come from today's preset, so each later option is written out, off."""
+    leaves out would come from today's preset, so every training key is written out, each
+    later option off."""
+    import dataclasses
     from pathlib import Path
+
+    import tomllib
 
     from tinygpt.config import load_config_file
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "cpu_before_issue16.toml"
+    written = tomllib.loads(path.read_text())
+    assert set(written["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     model, train = load_config_file(path)
     assert (model.activation, model.dropout, train.schedule, train.processes) == ("gelu", 0.05, "cosine", 1)
-    assert (train.auto_dropout, train.ema, train.ema_horizon) == (False, 0.0, 0.0)
+    assert (train.auto_dropout, train.ema, train.ema_horizon, train.muon_lr) == (False, 0.0, 0.0, 0.0)

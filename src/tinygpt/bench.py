@@ -88,13 +88,14 @@ def training_step(model: GPT, train_config: TrainConfig, precision: Precision, d
     from tinygpt.distributed import Distributed
     from tinygpt.optim import build_optimizers
     from tinygpt.train import train_step
-    from tinygpt.training_state import TrainingState
+    from tinygpt.training_state import TrainingState, weight_average
 
     config = dataclasses.replace(train_config, batch_size=batch_size)
     if batch_size % config.grad_accum:
         config = dataclasses.replace(config, grad_accum=1)
     state = TrainingState(model, build_optimizers(model, config, device),
-                          FixedBatch(model.config.vocab_size, model.config.block_size))
+                          FixedBatch(model.config.vocab_size, model.config.block_size),
+                          average=weight_average(model, config.ema, config.ema_horizon))
     step_model = model if step_model is None else step_model
     world = Distributed()
 

@@ -268,9 +268,13 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) ->
 
 
 def _explicit_dropout_is_kept(train: TrainConfig, keys_given: set[str]) -> None:
-    """A dropout given by hand is the dropout: auto_dropout goes off unless it was given too."""
+    """A dropout given by hand is the dropout: auto_dropout goes off unless it was given too.
+    Likewise one of the two weight averages given by hand replaces the other (a preset's)."""
     if "dropout" in keys_given and "auto_dropout" not in keys_given:
         train.auto_dropout = False
+    for given, other in (("ema", "ema_horizon"), ("ema_horizon", "ema")):
+        if given in keys_given and other not in keys_given and getattr(train, given) > 0:
+            setattr(train, other, 0.0)
 
 
 def _config_from_dict(cls, data: Any, what: str):

@@ -230,7 +230,7 @@ def train_step(step_model: torch.nn.Module, ddp_model: torch.nn.Module, state: T
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if state.average is not None:
-        state.average.update_parameters(state.model)
+        state.average.update(state.model)
     return total
 
 
@@ -518,7 +518,8 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
     and the speed choices: a run moved to another machine may need float32, say, though it
     then no longer continues bit for bit); any other difference from the saved run is refused
     with the key named. A speed choice asked for as "auto" keeps the run's recorded one, and so
-    does auto_dropout asked for again (start_run gave the model config the run's dropout)."""
+    does auto_dropout asked for again (start_run gave the model config the run's dropout), and
+    an option newer than the run (a preset that now sets it): the run goes on without it."""
     saved_model = model_config_from_dict(record["model_config"])
     differences = ", ".join(f"{f.name} {getattr(saved_model, f.name)!r} vs {getattr(model_config, f.name)!r}"
                             for f in fields(ModelConfig)
@@ -533,10 +534,13 @@ def resumed_config(record: dict, model_config: ModelConfig, config: TrainConfig,
                               f"{run_dir} by {kind}; resume it on data prepared with --tokenizer {kind}")
         raise ConfigError(f"--resume: the data in {data_dir} has a different vocabulary than the run in {run_dir}")
     saved = train_config_from_dict(record["train_config"])
+    recorded = set(record["train_config"])  # an option newer than the run is not in its record
     changes = {}
     for f in fields(TrainConfig):
         asked, kept = getattr(config, f.name), getattr(saved, f.name)
         if asked == kept or (f.name in speed.SPEED_KEYS and asked == "auto") or (f.name == "auto_dropout" and asked):
+            continue
+        if f.name not in recorded:  # the run trained without it (its default): it continues so
             continue
         if f.name not in RESUMABLE_KEYS + speed.SPEED_KEYS:
             raise ConfigError(f"--resume: {f.name} cannot change when a run continues (the run has {kept!r}, "

@@ -11,13 +11,13 @@ Dropout masks need no state: they are seeded from (seed, rank, iteration) each i
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tinygpt import checkpoint
 from tinygpt.data import BatchSampler
@@ -32,7 +32,7 @@ class TrainingState:
     iteration: int = 0
     best_val_loss: float | None = None
     elapsed_before: float = 0.0  # wall-clock seconds of the run's earlier sessions
-    average: AveragedModel | None = None  # the moving average of the weights (TrainConfig.ema), or None
+    average: WeightAverage | None = None  # the moving average of the weights (ema, ema_horizon), or None
 
     @property
     def evaluated(self) -> GPT:
@@ -40,32 +40,44 @@ class TrainingState:
         return self.model if self.average is None else self.average.module
 
 
-def weight_average(model: GPT, decay: float, horizon: float = 0.0) -> AveragedModel | None:
-    """A moving average of the model's weights (torch's AveragedModel: a copy of the model;
-    its first update copies the weights): exponential at `decay` per update, or with a decay
-    that grows with the run (`horizon`, see power_average), or None when both are 0."""
+class WeightAverage:
+    """A moving average of a model's weights, in a copy of the model (`module`) that evaluations
+    score. Its first update copies the weights; after that, the t-th update moves each averaged
+    weight towards the model's by `weight(t)`. Its update count is a Python int, so an update
+    costs no host sync on a GPU."""
+
+    def __init__(self, model: GPT, weight):
+        self.module = copy.deepcopy(model)  # tied embeddings stay tied: deepcopy keeps shared tensors
+        self.module.requires_grad_(False)
+        self.weight = weight
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: GPT) -> None:
+        self.updates += 1
+        share = 1.0 if self.updates == 1 else self.weight(self.updates)
+        for mean, value in zip(self.module.parameters(), model.parameters(), strict=True):
+            mean.lerp_(value, share)
+
+
+def weight_average(model: GPT, decay: float, horizon: float = 0.0) -> WeightAverage | None:
+    """The average TrainConfig.ema (a fixed decay per update) or ema_horizon (power_weight)
+    asks for, or None when both are 0."""
     if decay > 0:
-        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        return WeightAverage(model, lambda t: 1.0 - decay)
     if horizon > 0:
-        return AveragedModel(model, multi_avg_fn=power_average(horizon))
+        return WeightAverage(model, power_weight(horizon))
     return None
 
 
-def power_average(horizon: float):
-    """The update of a power-function average (Karras et al., 2024, "Analyzing and Improving the
-    Training Dynamics of Diffusion Models"): at the t-th update the average keeps (1 - 1/t)^(g+1)
-    of itself, g = 1/horizon - 2, so that iterate s ends up weighing s^(g+1) - (s-1)^(g+1), about
+def power_weight(horizon: float):
+    """The update share of a power-function average (Karras et al., 2024, "Analyzing and Improving
+    the Training Dynamics of Diffusion Models"): the t-th update keeps (1 - 1/t)^(g+1) of the
+    average, g = 1/horizon - 2, so that iterate s ends up weighing s^(g+1) - (s-1)^(g+1), about
     (g+1) s^g, and the mean age of what is averaged is `horizon` times t, however long the run
     turns out to be."""
     exponent = 1.0 / horizon - 1.0  # g + 1
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates_before: torch.Tensor) -> None:
-        t = updates_before.double() + 1.0  # a tensor: no host sync on a GPU
-        weight = (1.0 - (1.0 - 1.0 / t) ** exponent).float()
-        for mean, value in zip(averaged, current, strict=True):
-            mean.lerp_(value, weight.to(mean.dtype))
-
-    return update
+    return lambda t: 1.0 - (1.0 - 1.0 / t) ** exponent
 
 
 def optimizer_state(optimizers) -> tuple[dict[str, torch.Tensor], list]:
@@ -97,7 +109,7 @@ def save(run_dir: Path, state: TrainingState, device: torch.device, record_field
     tensors.update({"rng.torch": torch.get_rng_state(), "rng.sampler": state.sampler.generator.get_state()})
     if state.average is not None:
         tensors.update({f"ema.{name}": t for name, t in checkpoint.model_tensors(state.average.module).items()})
-        tensors["ema_updates"] = state.average.n_averaged.detach().cpu()
+        tensors["ema_updates"] = torch.tensor(state.average.updates, dtype=torch.int64)
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     numpy_state = np.random.get_state()
@@ -142,9 +154,12 @@ def restore(run_dir: Path, record: dict, state: TrainingState, device: torch.dev
 def _restore_state_tensors(state: TrainingState, tensors: dict, record: dict, device: torch.device) -> None:
     load_optimizer_state(state.optimizers, tensors, record["optimizer_groups"])
     if state.average is not None:
+        if "ema_updates" not in tensors:
+            raise checkpoint.CheckpointError("the `last` checkpoint holds no weight average, but the run averages "
+                                             "its weights (ema, ema_horizon)")
         checkpoint.load_weights(state.average.module, {name[len("ema."):]: t for name, t in tensors.items()
                                                        if name.startswith("ema.")})
-        state.average.n_averaged.copy_(tensors["ema_updates"])
+        state.average.updates = int(tensors["ema_updates"])
     for name in ("rng.torch", "rng.sampler"):
         if tensors[name].dtype != torch.uint8:
             raise TypeError(f"{name} is {tensors[name].dtype}, not torch.uint8")
