@@ -264,10 +264,10 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) ->
                 break
         else:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(known_keys())}")
-    _explicit_dropout_is_kept(train, {pair.partition("=")[0].strip() for pair in pairs})
+    _hand_set_keys_win(train, {pair.partition("=")[0].strip() for pair in pairs})
 
 
-def _explicit_dropout_is_kept(train: TrainConfig, keys_given: set[str]) -> None:
+def _hand_set_keys_win(train: TrainConfig, keys_given: set[str]) -> None:
     """A dropout given by hand is the dropout: auto_dropout goes off unless it was given too.
     Likewise one of the two weight averages given by hand replaces the other (a preset's)."""
     if "dropout" in keys_given and "auto_dropout" not in keys_given:
@@ -378,5 +378,5 @@ def load_config_file(path: str | Path, preset: str | None = None,
         train = _config_from_dict(TrainConfig, {**dataclasses.asdict(base_train), **tables["train"]}, "training")
     except ConfigError as e:
         raise ConfigError(f"the config file {str(path)!r}: {e}") from None
-    _explicit_dropout_is_kept(train, set(tables["model"]) | set(tables["train"]))
+    _hand_set_keys_win(train, set(tables["model"]) | set(tables["train"]))
     return model, train
