@@ -89,7 +89,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
 
 def train_tiny(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int, settings: dict,
                resume: bool = False):
-    """Train the tiny preset in-process and quietly, with dtype/dropout/eval_iters from `settings`."""
+    """Train the tiny preset in-process and quietly: the model's dropout, dtype and eval_iters from
+    `settings` (which must hold them), and any other training key it holds."""
     from tinygpt.config import get_preset
     from tinygpt.train import train
 
@@ -97,6 +98,10 @@ def train_tiny(data_dir: Path, run_dir: Path, max_iters: int, eval_interval: int
     model_config.dropout = settings["dropout"]
     train_config.dtype = settings["dtype"]
     train_config.eval_iters = settings["eval_iters"]
+    for key, value in settings.items():
+        if key != "dropout":
+            assert hasattr(train_config, key), f"no training key {key!r}"
+            setattr(train_config, key, value)
     train_config.eval_interval = eval_interval
     train_config.max_iters = max_iters
     return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume,

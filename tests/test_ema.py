@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import words_text, write_text
+from helpers import train_tiny, words_text, write_text
 from tinygpt import checkpoint, training_state
 from tinygpt.config import ConfigError, ModelConfig, TrainConfig, get_preset
 from tinygpt.data import prepare
 from tinygpt.model import GPT
-from tinygpt.train import train
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +27,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 def train_ema(data_dir: Path, run_dir: Path, ema: float, max_iters: int = 12, resume: bool = False,
               ema_horizon: float = 0.0):
-    model_config, train_config = get_preset("tiny")
-    model_config.dropout = 0.1  # the dropout stream matters, and must continue exactly too
-    # a constant rate after warmup: a run stopped at 8 and resumed to 12 is the 12-iteration run
-    settings = {"ema": ema, "ema_horizon": ema_horizon, "dtype": "float32", "eval_iters": 2, "eval_interval": 4,
-                "max_iters": max_iters,
+    # dropout > 0: the dropout stream must continue exactly too; a constant rate after warmup: a
+    # run stopped at 8 and resumed to 12 is the 12-iteration run
+    settings = {"dropout": 0.1, "dtype": "float32", "eval_iters": 2, "ema": ema, "ema_horizon": ema_horizon,
                 "schedule": "constant", "warmup_iters": 2}
-    for key, value in settings.items():
-        setattr(train_config, key, value)
-    return train(data_dir, run_dir, model_config, train_config, device="cpu", resume=resume, progress=False,
-                 log=lambda *args: None)
+    return train_tiny(data_dir, run_dir, max_iters, 4, settings, resume=resume)
 
 
 def tensors(run_dir: Path, name: str, kind: str) -> dict[str, torch.Tensor]:
