@@ -99,12 +99,13 @@ def test_ema_changes_what_is_scored_and_kept_not_how_the_run_trains(data_dir, tm
     assert all(torch.equal(plain_last[name], ema_last[name]) for name in plain_last)
     # what is scored differs: the average's losses, not the raw weights'
     assert val_losses(tmp_path / "plain") != val_losses(tmp_path / "ema")
-    # `best` holds the average of its evaluation, not the raw weights; `last` carries both
+    # `best` holds the weights its evaluation scored, and says which; `last` carries both
     best_record = checkpoint.read_record(tmp_path / "ema", "best")
     assert best_record["iteration"] == 12  # the loss still falls: the last evaluation is the best
     best, state = tensors(tmp_path / "ema", "best", "model"), tensors(tmp_path / "ema", "last", "state")
-    assert all(torch.equal(best[name], state[f"ema.{name}"]) for name in best)
-    assert not all(torch.equal(best[name], ema_last[name]) for name in best)
+    kept = {"weight average": {name: state[f"ema.{name}"] for name in best}, "raw": ema_last}
+    assert all(torch.equal(best[name], kept[best_record["weights"]][name]) for name in best)
+    assert not all(torch.equal(state[f"ema.{name}"], ema_last[name]) for name in best)
     assert int(state["ema_updates"]) == 12
     assert not any(name.startswith("ema") for name in tensors(tmp_path / "plain", "last", "state"))
 
@@ -156,3 +157,37 @@ def test_a_run_recorded_before_the_average_existed_resumes_without_it(data_dir, 
     assert result.iterations == 8
     assert json.loads((run_dir / "config.json").read_text())["train"]["ema_horizon"] == 0.0
     assert not any(name.startswith("ema") for name in tensors(run_dir, "last", "state"))
+
+
+def test_the_last_evaluation_keeps_the_raw_weights_when_the_average_lags(data_dir, tmp_path):
+    """At 0.99 per iteration, 12 iterations leave the average near the initial weights: the
+    loss has fallen since, so the raw weights score better, and `best` keeps them."""
+    train_ema(data_dir, tmp_path / "run", ema=0.99)
+    record = checkpoint.read_record(tmp_path / "run", "best")
+    assert (record["iteration"], record["weights"]) == (12, "raw")
+    best, last = tensors(tmp_path / "run", "best", "model"), tensors(tmp_path / "run", "last", "model")
+    assert all(torch.equal(best[name], last[name]) for name in best)
+    assert record["best_val_loss"] < val_losses(tmp_path / "run")[-1]  # the row is the average's
+
+
+@pytest.mark.parametrize("raw_loss, final, kept", [
+    (1.9, True, "raw"),  # the average (2.0) lags: the raw weights count
+    (2.1, True, "average"),
+    (1.9, False, "average"),  # before the last evaluation the raw weights are not scored
+])
+def test_kept_weights_picks_the_better_at_the_last_evaluation_only(monkeypatch, raw_loss, final, kept):
+    from types import SimpleNamespace
+
+    from tinygpt import train
+    from tinygpt.distributed import Distributed
+
+    raw, average = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    state = SimpleNamespace(model=raw, average=SimpleNamespace(module=average), evaluated=average)
+    run = SimpleNamespace(state=state, world=Distributed(rank=0, world_size=1))
+    scored = []
+    monkeypatch.setattr(train, "validation_loss", lambda run, seed, model: scored.append(model) or raw_loss)
+    lines = []
+    weights, loss = train.kept_weights(run, 0, 2.0, final, SimpleNamespace(write=lines.append))
+    assert (weights, loss) == ((raw, raw_loss) if kept == "raw" else (average, 2.0))
+    assert scored == ([raw] if final else [])
+    assert len(lines) == int(final)

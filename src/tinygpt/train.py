@@ -185,7 +185,7 @@ def _loop(run: Run, stop: list[int], progress: bool) -> TrainResult:
             if state.iteration % LOG_INTERVAL == 0 or done:
                 window.report(bar, state.iteration, lr, config, clock, run.model_config.block_size)
             if state.iteration % config.eval_interval == 0 or done:
-                val_loss = evaluate_and_save(run, lr, clock, bar)
+                val_loss = evaluate_and_save(run, lr, clock, bar, final=done)
             if done:
                 break
             if _stop_agreed(stop, state.iteration, world, device):
@@ -234,17 +234,19 @@ def train_step(step_model: torch.nn.Module, ddp_model: torch.nn.Module, state: T
     return total
 
 
-def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar) -> float:
+def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar, final: bool = False) -> float:
     """Estimate train and val loss, log a metrics row, save `best` (if improved) and `last`."""
     state, world, config = run.state, run.world, run.config
     train_loss = estimate_loss(run, run.train_tokens, config.seed + state.iteration)
-    val_loss = validation_loss(run, config.seed + state.iteration + 1)
+    seed = config.seed + state.iteration + 1
+    val_loss = validation_loss(run, seed, state.evaluated)  # the metrics row's: the curve of one set of weights
+    kept, kept_loss = kept_weights(run, seed, val_loss, final, bar)
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
         raise TrainingDiverged(f"the evaluation loss became non-finite at iteration {state.iteration}; "
                                f"the last good checkpoint is intact")
-    improved = state.best_val_loss is None or val_loss < state.best_val_loss
+    improved = state.best_val_loss is None or kept_loss < state.best_val_loss
     if improved:
-        state.best_val_loss = val_loss
+        state.best_val_loss = kept_loss
     if world.is_main:
         tokens_seen = state.iteration * config.batch_size * run.model_config.block_size
         row = evaluation_row(state.iteration, train_loss, val_loss, lr, tokens_seen, run.text_sizes)
@@ -257,14 +259,30 @@ def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar) -> float:
         bar.write(f"iteration {state.iteration}: train loss {train_loss:.4f}, val loss {val_loss:.4f} "
                   f"({row['val_bits_per_byte']:.3f} bits/byte, {row['val_bits_per_char']:.3f} bits/char)")
         record = _record_fields(run, val_loss, clock)
-        if improved:
-            # with ema, the averaged weights: the ones this evaluation scored
-            checkpoint.save_checkpoint(run.run_dir, "best", record,
-                                       {"model": checkpoint.model_tensors(state.evaluated)})
+        if improved:  # the weights this evaluation scored, and which they are
+            weights = "raw" if kept is state.model else "weight average"
+            checkpoint.save_checkpoint(run.run_dir, "best", {**record, "weights": weights},
+                                       {"model": checkpoint.model_tensors(kept)})
         training_state.save(run.run_dir, state, run.device, record)
     if world.enabled:
         dist.barrier()
     return val_loss
+
+
+def kept_weights(run: Run, seed: int, val_loss: float, final: bool, bar) -> tuple[torch.nn.Module, float]:
+    """The weights an evaluation may keep as `best`, and their val loss: the ones it scored
+    (val_loss; the weight average when there is one). At a run's last evaluation the raw
+    weights are scored too and the better of the two counts: when the loss still falls fast at
+    the end of a short run, the average lags behind it."""
+    state = run.state
+    if not final or state.average is None:
+        return state.evaluated, val_loss
+    raw_loss = validation_loss(run, seed, state.model)
+    if run.world.is_main:
+        kept = "the raw weights" if raw_loss < val_loss else "the average"
+        bar.write(f"last evaluation: val loss {val_loss:.4f} with the weight average, {raw_loss:.4f} with the "
+                  f"raw weights; {kept} count")
+    return (state.model, raw_loss) if raw_loss < val_loss else (state.evaluated, val_loss)
 
 
 def dropout_seed(seed: int, rank: int, iteration: int) -> int:
@@ -339,10 +357,12 @@ class _AutoDropout:
 
 
 @torch.no_grad()
-def estimate_loss(run: Run, tokens: np.ndarray, seed: int) -> float:
+def estimate_loss(run: Run, tokens: np.ndarray, seed: int, model: torch.nn.Module | None = None) -> float:
     """Mean loss over eval_iters random batches, from a sampler of its own so that
-    evaluating never moves the training stream; averaged over processes."""
-    model, config, device = run.state.evaluated, run.config, run.device
+    evaluating never moves the training stream; averaged over processes. `model`: the
+    weights evaluations score unless given."""
+    model = run.state.evaluated if model is None else model
+    config, device = run.config, run.device
     was_training = model.training
     model.eval()
     sampler = BatchSampler(tokens, run.model_config.block_size, seed, run.world.rank, run.world.world_size)
@@ -358,7 +378,7 @@ def estimate_loss(run: Run, tokens: np.ndarray, seed: int) -> float:
     return mean.item()
 
 
-def validation_loss(run: Run, seed: int) -> float:
+def validation_loss(run: Run, seed: int, model: torch.nn.Module) -> float:
     """The loss over the whole validation split, with the windows of `tinygpt eval` (at the
     training precision), when that costs no more than the two random-batch estimates of an
     evaluation together; otherwise the random-batch estimate. The best checkpoint is then
@@ -368,9 +388,9 @@ def validation_loss(run: Run, seed: int) -> float:
     micro_batch = config.batch_size // config.grad_accum
     tokens = run.val_tokens
     if len(tokens) - 1 > 2 * config.eval_iters * micro_batch * block_size:
-        return estimate_loss(run, tokens, seed)
+        return estimate_loss(run, tokens, seed, model)
     with run.precision.autocast(run.device):
-        nats = split_nats(run.state.evaluated, tokens, batch_size=micro_batch, device=run.device,
+        nats = split_nats(model, tokens, batch_size=micro_batch, device=run.device,
                           shard=(run.world.rank, run.world.world_size))
     return distributed.all_reduce_sum(nats, run.world, run.device) / (len(tokens) - 1)
 
