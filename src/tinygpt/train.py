@@ -281,7 +281,7 @@ def kept_weights(run: Run, seed: int, val_loss: float, final: bool, bar) -> tupl
     if run.world.is_main:
         kept = "the raw weights" if raw_loss < val_loss else "the average"
         bar.write(f"last evaluation: val loss {val_loss:.4f} with the weight average, {raw_loss:.4f} with the "
-                  f"raw weights; {kept} count")
+                  f"raw weights; `best` may keep {kept}")
     return (state.model, raw_loss) if raw_loss < val_loss else (state.evaluated, val_loss)
 
 
