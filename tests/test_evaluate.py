@@ -49,7 +49,7 @@ def test_under_torchrun_each_process_scores_its_share_of_the_validation_split(mo
     monkeypatch.setattr(distributed, "all_reduce_sum", lambda value, world, device: value + other_rank)
     run = SimpleNamespace(config=TrainConfig(batch_size=8, eval_iters=20), model_config=model.config,
                           val_tokens=tokens, precision=Precision(torch.float32, "test"), device=torch.device("cpu"),
-                          state=SimpleNamespace(model=model, evaluated=model), world=Distributed(rank=1, world_size=2))
+                          world=Distributed(rank=1, world_size=2))
     loss = train.validation_loss(run, seed=0, model=model)
     assert shards == [(1, 2)]
     assert loss == pytest.approx(split_nats(model, tokens, batch_size=8) / 199, rel=1e-6)

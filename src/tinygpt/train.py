@@ -240,10 +240,10 @@ def evaluate_and_save(run: Run, lr: float, clock: _Clock, bar, final: bool = Fal
     train_loss = estimate_loss(run, run.train_tokens, config.seed + state.iteration)
     seed = config.seed + state.iteration + 1
     val_loss = validation_loss(run, seed, state.evaluated)  # the metrics row's: the curve of one set of weights
-    kept, kept_loss = kept_weights(run, seed, val_loss, final, bar)
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
         raise TrainingDiverged(f"the evaluation loss became non-finite at iteration {state.iteration}; "
                                f"the last good checkpoint is intact")
+    kept, kept_loss = kept_weights(run, seed, val_loss, final, bar)
     improved = state.best_val_loss is None or kept_loss < state.best_val_loss
     if improved:
         state.best_val_loss = kept_loss
