@@ -137,7 +137,7 @@ def run_tinygpt(kind: str, text: Path, name: str, budget: float, work: Path, voc
     if not (data / "meta.json").exists():
         subprocess.run([tinygpt, "prepare", str(text), "--out", str(data), "--no-progress", *tokenizer], check=True,
                        stdout=subprocess.DEVNULL)
-    # one folder per kind, vocabulary, text and change: no run replaces another's
+    # one folder per kind, vocabulary, text and changes: only a rerun of the same replaces it
     out = work / "-".join([f"{kind}{vocab_size}" if tokenizer else kind, name, *changes])
     recipe = ["--config", str(PREVIOUS_CONFIG)] if kind == "previous" else ["--preset", "cpu"]
     recipe += [] if kind == "previous" else [arg for change in changes for arg in ("--set", change)]
